@@ -1,0 +1,88 @@
+"""What every notebook's setup cell calls: versions, device, and the course model.
+
+``LOWMEM_MODEL`` chooses the model a notebook runs on: unset (the default) gives the tiny offline
+twin of the notebook's family member; a Hub id such as
+``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B`` (or a local ``save_pretrained`` directory) loads real
+weights, for a learner with a GPU and a network. The same cells run in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from transformers import PretrainedConfig
+
+from lowmem_course import REPO_URL, family
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "matplotlib", "lowmem-course")
+
+
+def get_device() -> torch.device:
+    """The best device here: CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries the course uses ("missing" when not installed)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's and PyTorch's generators so a notebook prints the same numbers every run."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class CourseModel:
+    """The model a notebook works on: its config, where it comes from, and whether it is tiny."""
+
+    name: str  # family short name, Hub id or directory
+    config: PretrainedConfig
+    is_twin: bool  # True for the default offline tiny twin
+
+
+def course_model(default: str = "r1-distill-qwen-1.5b") -> CourseModel:
+    """The notebook's model: ``LOWMEM_MODEL`` when set, else the tiny twin of ``default``."""
+    chosen = os.environ.get("LOWMEM_MODEL", "").strip()
+    if not chosen:
+        return CourseModel(name=f"tiny twin of {default}", config=family.tiny(default), is_twin=True)
+    from transformers import AutoConfig
+
+    return CourseModel(name=chosen, config=AutoConfig.from_pretrained(chosen, trust_remote_code=False),
+                       is_twin=False)
+
+
+def start(seed: int = 0) -> torch.device:
+    """Set up a notebook: seed everything, print library versions and the device; return it."""
+    seed_everything(seed)
+    versions = library_versions()
+    device = get_device()
+    print(" | ".join(f"{name} {v}" for name, v in versions.items()))
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    return device
+
+
+SETUP_CELL = f'''# NBVAL_IGNORE_OUTPUT
+# Setup: on Colab this installs the course package; locally and on Binder it is already installed.
+import importlib.util, subprocess, sys
+if "google.colab" in sys.modules and importlib.util.find_spec("lowmem_course") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "lowmem-course @ git+{REPO_URL}"], check=True)
+from lowmem_course import lab
+device = lab.start()'''
+"""The first code cell of every notebook, word for word (a test checks it)."""
