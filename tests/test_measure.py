@@ -1,0 +1,97 @@
+"""The ruler: exact bytes on known tensors, a steady-state training step, and full-size simulation."""
+
+import pytest
+import torch
+
+from lowmem_course import family, measure, steps
+from lowmem_course.units import MiB
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_a_known_allocation_is_measured_to_the_byte():
+    with measure.track(label="one tensor") as m:
+        x = torch.empty(1024, 256, dtype=torch.float32)
+        y = torch.empty(100, dtype=torch.bfloat16)
+        del x, y
+    assert m.peak_bytes == 1024 * 256 * 4 + 100 * 2
+
+
+def test_a_freed_tensor_does_not_count_twice():
+    with measure.track() as m:
+        for _ in range(3):
+            x = torch.empty(MiB, dtype=torch.uint8)
+            del x
+    assert m.peak_bytes == MiB
+
+
+def test_parameters_are_counted_exactly():
+    model = family.build(family.tiny("r1-distill-llama-8b"))
+    with measure.track(model) as m:
+        pass
+    assert m.breakdown["parameters"] == param_bytes(model)
+    assert m.peak_bytes == param_bytes(model) + m.breakdown["buffers"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steady_state_step_holds_params_and_adam_moments(dtype):
+    model = family.build(family.tiny("r1-distill-qwen-1.5b"), dtype=dtype)
+    optimizer = measure.make_optimizer(model)
+    batch = steps.random_batch(model.config.vocab_size, 2, 64)
+    m = measure.measure_train_step(model, optimizer, batch)
+    n_tensors = len(list(model.parameters()))
+    assert m.breakdown["parameters"] == param_bytes(model)
+    # two moments in the parameters' dtype, plus one fp32 step counter per parameter tensor
+    assert m.breakdown["optimizer"] == 2 * param_bytes(model) + 4 * n_tensors
+    assert m.breakdown["activations"] > 0
+    assert m.peak_bytes == sum(m.breakdown.values())
+
+
+def test_measurement_prints_in_readable_units():
+    with measure.track(label="demo") as m:
+        x = torch.empty(3 * MiB, dtype=torch.uint8)
+        del x
+    assert "demo on cpu: peak 3.00 MiB" in str(m)
+    assert m.to_dict()["peak_bytes"] == 3 * MiB
+
+
+def test_unknown_optimizer_is_refused():
+    model = family.build(family.tiny("r1-distill-qwen-1.5b"))
+    with pytest.raises(ValueError, match="adamw, sgd or sgd-momentum"):
+        measure.make_optimizer(model, "lion")
+
+
+def test_simulated_full_size_fp32_adamw_step_peaks_at_16_bytes_per_parameter():
+    """R1-Distill-Qwen-1.5B at full size: params + grads + Adam moments = 4 + 4 + 8 bytes each."""
+    cfg = family.config("r1-distill-qwen-1.5b")
+    n_params = family.count_parameters(cfg).total
+    n_tensors = len(list(family.build(cfg, device="meta").parameters()))
+    m = measure.simulate(cfg, mode="train", batch=1, seq=16)
+    assert m.breakdown["parameters"] == 4 * n_params
+    assert m.breakdown["optimizer"] == 8 * n_params + 4 * n_tensors
+    # the peak falls in the embedding's backward: its gradient is still a temporary, beside the
+    # gradient of the hidden states flowing into it (seq x hidden fp32)
+    assert m.breakdown["gradients"] + m.breakdown["temporaries"] == 4 * n_params + 16 * cfg.hidden_size * 4
+    assert 0 <= m.peak_bytes - 16 * n_params < MiB
+
+
+def test_simulated_inference_holds_bf16_weights_and_a_kv_cache():
+    cfg = family.config("r1-distill-qwen-1.5b")
+    n_params = family.count_parameters(cfg).total
+    seq = 1024
+    m = measure.simulate(cfg, mode="inference", seq=seq, dtype=torch.bfloat16)
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * seq * 2
+    assert m.breakdown["parameters"] == 2 * n_params
+    assert m.breakdown["activations"] >= kv_bytes
+
+
+def test_simulate_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="'train' or 'inference'"):
+        measure.simulate(family.tiny("r1"), mode="serve")
+
+
+def test_random_batch_rejects_empty_shapes():
+    with pytest.raises(ValueError, match="must be positive"):
+        steps.random_batch(100, 0, 8)
