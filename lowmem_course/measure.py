@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from transformers import PretrainedConfig
 
 from lowmem_course import family, steps
@@ -61,6 +61,29 @@ class Measurement:
         return asdict(self)
 
 
+class _Tracker(MemTracker):
+    """PyTorch's MemTracker, made to work on partly frozen models (LoRA, QLoRA).
+
+    PyTorch's version registers a gradient hook on every parameter it meets, which raises on a
+    parameter that does not require gradients; this one hooks only the trainable ones.
+    """
+
+    def _track_module_params_and_buffers(self, module: torch.nn.Module,
+                                         install_grad_hooks: bool = True) -> tuple[int, int]:
+        memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+        if install_grad_hooks:
+            for param in module.parameters():
+                if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(self._track_gradient),
+                        param.register_post_accumulate_grad_hook(lambda p: self._track_gradient(p.grad)),
+                    )
+        return memory
+
+    def _track_gradient(self, grad: torch.Tensor) -> None:
+        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+
 def _device_of(stateful: tuple[object, ...]) -> torch.device:
     for obj in stateful:
         if isinstance(obj, torch.nn.Module):
@@ -90,7 +113,7 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
         torch.cuda.reset_peak_memory_stats(device)
         if snapshot_path:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
-    tracker = MemTracker()
+    tracker = _Tracker()
     tracker.track_external(*stateful)
     with tracker:
         yield result

@@ -95,3 +95,14 @@ def test_simulate_rejects_an_unknown_mode():
 def test_random_batch_rejects_empty_shapes():
     with pytest.raises(ValueError, match="must be positive"):
         steps.random_batch(100, 0, 8)
+
+
+def test_a_partly_frozen_model_is_measured():
+    """LoRA-style: frozen base weights count as parameters, only trainable ones get gradients."""
+    model = family.build(family.tiny("r1-distill-qwen-1.5b"))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("lm_head"))
+    optimizer = measure.make_optimizer(model)
+    m = measure.measure_train_step(model, optimizer, steps.random_batch(model.config.vocab_size, 1, 32))
+    assert m.breakdown["parameters"] == param_bytes(model)
+    assert m.breakdown["optimizer"] == 2 * model.lm_head.weight.numel() * 4 + 4
