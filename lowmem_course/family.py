@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import DeepseekV3Config, LlamaConfig, PretrainedConfig, Qwen2Config
+if TYPE_CHECKING:  # torch and transformers load lazily: `lowmem estimate` answers without them
+    import torch
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,14 @@ MEMBERS: dict[str, Member] = {
     ]
 }
 
-_CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
-    "qwen2": Qwen2Config, "llama": LlamaConfig, "deepseek_v3": DeepseekV3Config,
-}
-SUPPORTED_ARCHITECTURES = tuple(_CONFIG_CLASSES)
+SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "deepseek_v3")
+
+
+def _config_class(architecture: str) -> type[PretrainedConfig]:
+    """The transformers config class of ``architecture`` (imports transformers on first use)."""
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen2Config
+
+    return {"qwen2": Qwen2Config, "llama": LlamaConfig, "deepseek_v3": DeepseekV3Config}[architecture]
 
 # What a tiny twin keeps small. Real head counts are divided down to their GQA ratio.
 TINY_HEAD_DIM = 16
@@ -115,7 +120,7 @@ def resolve(name: str) -> Member:
 def config(name: str) -> PretrainedConfig:
     """The real-size transformers config of a member (nothing is allocated or downloaded)."""
     member = resolve(name)
-    cfg = _CONFIG_CLASSES[member.architecture](**member.fields)
+    cfg = _config_class(member.architecture)(**member.fields)
     cfg.name_or_path = member.hub_id
     return cfg
 
@@ -151,7 +156,7 @@ def tiny(name: str, **overrides: Any) -> PretrainedConfig:
         )
     fields.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     fields.update(overrides)
-    cfg = _CONFIG_CLASSES[member.architecture](**{**member.fields, **fields})
+    cfg = _config_class(member.architecture)(**{**member.fields, **fields})
     cfg.name_or_path = f"tiny-{member.name}"
     return cfg
 
@@ -163,9 +168,10 @@ def build(cfg: PretrainedConfig, device: str | torch.device = "cpu", dtype: torc
     ``dtype`` (default fp32) is the dtype the parameters are created in; building on "meta"
     allocates nothing, which is how the full-size members are inspected.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    if cfg.model_type not in _CONFIG_CLASSES:
+    if cfg.model_type not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {cfg.model_type!r}: the course covers {', '.join(SUPPORTED_ARCHITECTURES)}")
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
@@ -209,8 +215,9 @@ STUDENTS_DIR = Path(__file__).parent / "students"  # the trained students shippe
 def student_path(name: str) -> Path | None:
     """The directory of a shipped student ("student-qwen2", "student-deepseek-v3"), else None."""
     key = name.strip().lower()
-    if key.startswith("student-") and (STUDENTS_DIR / key.removeprefix("student-")).is_dir():
-        return STUDENTS_DIR / key.removeprefix("student-")
+    folder = STUDENTS_DIR / key.removeprefix("student-").replace("-", "_")
+    if key.startswith("student-") and folder.is_dir():
+        return folder
     return None
 
 

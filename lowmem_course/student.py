@@ -1,0 +1,240 @@
+"""The course's quality yardstick: small R1-style students distilled from the reasoning teacher.
+
+Two students learn the addition traces of ``lowmem_course.reasoning``: one with the
+R1-Distill-Qwen architecture (Qwen2) and one with the full R1 architecture (DeepseekV3: MLA + MoE).
+Both are tiny twins, a few MB, shipped with the package. A memory technique that hurts a model shows
+up as lost exact-match accuracy::
+
+    from lowmem_course.student import load_student, accuracy
+    model, tok = load_student("qwen2")
+    accuracy(model, tok, n=200, seed=0)   # -> 1.0 for the shipped students; a broken model gets ~0
+
+Reproduce or check a student from the command line::
+
+    python -m lowmem_course.student train --arch qwen2
+    python -m lowmem_course.student eval --arch qwen2 --n 500 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from lowmem_course import family
+from lowmem_course.reasoning import MODEL_VOCAB_SIZE, Problem, make_tokenizer, parse_answer, sample
+
+ARCHS = {"qwen2": "r1-distill-qwen-1.5b", "deepseek_v3": "r1"}  # student arch -> family member
+EVAL_N, EVAL_SEED = 500, 0  # the held-out set each recipe.json records
+TARGET_ACCURACY = {"qwen2": 0.90, "deepseek_v3": 0.80}  # what a shipped student must reach on it
+STEPS = {"qwen2": 1000, "deepseek_v3": 2000}  # training steps of the shipped students
+MAX_NEW_TOKENS = 40  # longest completion (33 tokens with <eos>) plus slack
+
+
+def student_dir(arch: str) -> Path:
+    """Where the shipped student of ``arch`` lives (what ``family.load("student-...")`` reads)."""
+    return family.STUDENTS_DIR / arch
+
+
+def student_config(arch: str) -> PretrainedConfig:
+    """The tiny-twin config of a student: the family twin with the reasoning vocabulary.
+
+    The DeepseekV3 twin gets a wider hidden size and wider experts than ``family.tiny("r1")`` so
+    that it learns addition in a few minutes; MLA, MoE routing and the dense first layer are kept.
+    """
+    tok = make_tokenizer()
+    ids = dict(vocab_size=MODEL_VOCAB_SIZE, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, max_position_embeddings=tok.model_max_length)
+    if arch == "qwen2":
+        return family.tiny(ARCHS[arch], **ids)
+    if arch == "deepseek_v3":
+        return family.tiny(ARCHS[arch], hidden_size=128, intermediate_size=256, moe_intermediate_size=64, **ids)
+    raise ValueError(f"unknown student arch {arch!r}: choose from {', '.join(ARCHS)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a student run (nanoGPT style: plain values, one place)."""
+
+    arch: str = "qwen2"
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3  # peak AdamW learning rate, after linear warmup
+    warmup: int = 100  # steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50  # steps between printed losses
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides) -> TrainConfig:
+        """The recipe of the shipped ``arch`` student, with ``overrides`` (e.g. ``seed=1``)."""
+        return cls(**{"arch": arch, "steps": STEPS[arch], **overrides})
+
+
+def make_batch(problems: list[Problem], tok: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``labels`` (shape batch x tokens) for teacher forcing.
+
+    Labels are -100 on the prompt and the padding: the student learns to write the trace, the
+    answer and ``<eos>``, not to guess the random numbers it is asked about.
+    """
+    rows = [(tok(p.prompt)["input_ids"], tok(p.completion, add_special_tokens=False)["input_ids"]) for p in problems]
+    length = max(len(prompt) + len(completion) + 1 for prompt, completion in rows)
+    input_ids = torch.full((len(rows), length), tok.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    for i, (prompt, completion) in enumerate(rows):
+        target = completion + [tok.eos_token_id]
+        input_ids[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    return input_ids, labels
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[tuple[int, float]]]:
+    """Train a student from scratch on fresh training-split problems every step.
+
+    Returns the model (fp32, CPU, eval mode), its tokenizer and the loss log: (step, mean loss over
+    the last ``log_every`` steps) pairs, loss in nats per target token.
+    """
+    tok = make_tokenizer()
+    model = family.build(student_config(cfg.arch), seed=cfg.seed)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    log, window = [], []
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.arch}", disable=not progress)
+    for step in bar:
+        problems = sample(cfg.batch_size, seed=rng.getrandbits(64), split="train")
+        input_ids, labels = make_batch(problems, tok)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log.append((step + 1, sum(window) / len(window)))
+            window = []
+            tqdm.write(f"step {step + 1:5d}  loss {log[-1][1]:.4f}")
+    model.eval()
+    return model, tok, log
+
+
+@torch.no_grad()
+def solve(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[str], batch_size: int = 100,
+          progress: bool = True) -> list[str]:
+    """Greedy completions of ``prompts`` (batched, left-padded), decoded without special tokens."""
+    completions = []
+    device = next(model.parameters()).device
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="solve", disable=not progress):
+        enc = tok(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        completions += tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return completions
+
+
+def accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: int = 200, seed: int = 0,
+             task: str = "addition", progress: bool = True) -> float:
+    """Exact-match accuracy (0..1) of the final answer on ``n`` held-out ``task`` problems.
+
+    The model can be in any dtype, quantized or pruned, on any device: only ``generate`` is called.
+    """
+    problems = sample(n, seed=seed, split="heldout", task=task)
+    completions = solve(model, tok, [p.prompt for p in problems], progress=progress)
+    return sum(parse_answer(c) == p.answer for c, p in zip(completions, problems)) / n
+
+
+def load_student(arch: str = "qwen2", **kwargs) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The shipped student of ``arch`` ("qwen2" or "deepseek_v3") and its tokenizer, offline.
+
+    ``kwargs`` go to ``from_pretrained`` (``dtype``, ``quantization_config``, ``device_map``, ...).
+    """
+    from transformers import AutoTokenizer
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown student arch {arch!r}: choose from {', '.join(ARCHS)}")
+    path = student_dir(arch)
+    return family.load(path, **kwargs).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def save(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out: Path, log: list[tuple[int, float]],
+         recipe: dict) -> None:
+    """Write the student (``save_pretrained``), ``loss.csv`` and ``recipe.json`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{l:.6f}\n" for s, l in log))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``train`` a student (and ship it to ``--out``) or ``eval`` the shipped one."""
+    parser = argparse.ArgumentParser(prog="python -m lowmem_course.student", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a student from its seed and save it")
+    p_train.add_argument("--arch", choices=ARCHS, required=True)
+    p_train.add_argument("--out", type=Path, help="directory to save to (default: the shipped student's)")
+    p_train.add_argument("--steps", type=_positive_int, help="default: the shipped student's recipe")
+    p_train.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p_eval = sub.add_parser("eval", help="exact-match accuracy of the shipped student")
+    p_eval.add_argument("--arch", choices=ARCHS, required=True)
+    p_eval.add_argument("--n", type=_positive_int, default=EVAL_N, help="number of held-out problems")
+    p_eval.add_argument("--seed", type=int, default=EVAL_SEED, help="seed that draws the held-out problems")
+    args = parser.parse_args(argv)
+
+    if args.command == "eval":
+        model, tok = load_student(args.arch)
+        print(f"accuracy: {accuracy(model, tok, n=args.n, seed=args.seed):.3f}")
+        return
+    cfg = TrainConfig.for_arch(args.arch, seed=args.seed)
+    cfg = replace(cfg, steps=args.steps) if args.steps else cfg
+    out = args.out or student_dir(args.arch)
+    start = time.perf_counter()
+    model, tok, log = train(cfg)
+    wall = time.perf_counter() - start
+    acc = accuracy(model, tok, n=EVAL_N, seed=EVAL_SEED)
+    args_text = shlex.join(argv if argv is not None else sys.argv[1:])
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python -m lowmem_course.student {args_text}"
+    save(model, tok, out, log, dict(
+        command=command, train_config=asdict(cfg), seed=cfg.seed, steps=cfg.steps,
+        wall_seconds=round(wall, 1), final_loss=round(log[-1][1], 6), accuracy=acc,
+        eval_n=EVAL_N, eval_seed=EVAL_SEED, eval_split="heldout", task="addition",
+        threads=torch.get_num_threads(), torch=torch.__version__))
+    print(f"saved to {out} ({wall:.0f} s)")
+    print(f"accuracy: {acc:.3f}")
+
+
+if __name__ == "__main__":
+    main()

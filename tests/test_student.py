@@ -1,0 +1,110 @@
+"""The shipped students, their trainer and their evaluation."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lowmem_course import family
+from lowmem_course.reasoning import addition, make_tokenizer
+from lowmem_course.student import (
+    ARCHS, EVAL_N, EVAL_SEED, TARGET_ACCURACY, TrainConfig, accuracy, learning_rate, load_student,
+    make_batch, student_config, student_dir, train,
+)
+
+TOK = make_tokenizer()
+
+
+def recipe(arch: str) -> dict:
+    return json.loads((student_dir(arch) / "recipe.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shipped_student_reaches_its_recorded_accuracy(arch: str):
+    model, tok = load_student(arch)
+    acc = accuracy(model, tok, n=EVAL_N, seed=EVAL_SEED, progress=False)
+    rec = recipe(arch)
+    assert (rec["eval_n"], rec["eval_seed"], rec["steps"]) == (EVAL_N, EVAL_SEED, TrainConfig.for_arch(arch).steps)
+    assert abs(acc - rec["accuracy"]) <= 0.01
+    assert acc >= TARGET_ACCURACY[arch]
+
+
+
+@pytest.mark.parametrize("arch, name", [("qwen2", "student-qwen2"),
+                                        ("deepseek_v3", "student-deepseek-v3")])
+def test_family_loads_the_shipped_student(arch: str, name: str):
+    model = family.load(name)
+    assert model.config.model_type == arch
+    assert model.config.vocab_size == 32 and model.config.eos_token_id == TOK.eos_token_id
+    expected = student_config(arch)
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        assert getattr(model.config, field) == getattr(expected, field)
+    weights = student_dir(arch) / "model.safetensors"
+    assert weights.stat().st_size < 5 * 2**20  # bytes: small enough to quantize/prune in seconds
+    assert (student_dir(arch) / "loss.csv").read_text().startswith("step,loss\n")
+
+
+def test_student_accuracy_survives_bfloat16():
+    model, tok = load_student("qwen2", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert accuracy(model, tok, n=100, seed=1, progress=False) >= 0.8
+
+
+def test_unseen_task_is_not_known_yet():
+    model, tok = load_student("qwen2")
+    assert accuracy(model, tok, n=50, seed=0, task="subtraction", progress=False) <= 0.1
+
+
+SHORT_STEPS = 400  # about 30-60 s on 2 CPU cores
+
+
+def test_short_training_run_learns():
+    cfg = replace(TrainConfig.for_arch("deepseek_v3"), steps=SHORT_STEPS, log_every=50)
+    model, tok, log = train(cfg, progress=False)
+    assert [s for s, _ in log] == list(range(50, SHORT_STEPS + 1, 50))
+    assert log[0][1] > 2.0 and log[-1][1] < 0.1 * log[0][1]  # nats per target token
+    untrained = family.build(student_config("deepseek_v3"), seed=0)
+    assert accuracy(untrained, tok, n=100, seed=0, progress=False) == 0.0
+    assert accuracy(model, tok, n=100, seed=0, progress=False) >= 0.1  # 0.22-0.5, thread-count dependent
+
+
+def test_make_batch_masks_prompt_and_padding():
+    problems = [addition(482, 357), addition(999, 999)]  # answers of 3 and 4 digits
+    input_ids, labels = make_batch(problems, TOK)
+    assert input_ids.shape == labels.shape == (2, 1 + 8 + 28 + 4 + 1)
+    assert (labels[:, :9] == -100).all()  # <bos> and the prompt
+    assert labels[0, 9].item() == TOK.convert_tokens_to_ids("<think>")
+    assert labels[0, -2].item() == TOK.eos_token_id and labels[1, -1].item() == TOK.eos_token_id
+    assert input_ids[0, -1].item() == TOK.pad_token_id and labels[0, -1].item() == -100
+    assert TOK.decode(input_ids[0], skip_special_tokens=True) == problems[0].text
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup=100, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(1e-5)
+    assert learning_rate(99, cfg) == pytest.approx(1e-3)
+    assert learning_rate(550, cfg) == pytest.approx(0.55e-3)
+    assert learning_rate(1000, cfg) == pytest.approx(1e-4)
+
+
+def test_eval_cli_prints_accuracy_last():
+    out = subprocess.run([sys.executable, "-m", "lowmem_course.student", "eval", "--arch", "qwen2", "--n", "50"],
+                         capture_output=True, text=True, check=True)
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"accuracy: \d\.\d{3}", last)
+    model, tok = load_student("qwen2")
+    assert float(last.split()[-1]) == pytest.approx(accuracy(model, tok, n=50, seed=0, progress=False))
+
+
+@pytest.mark.parametrize("args", [["eval", "--arch", "llama"], ["eval", "--arch", "qwen2", "--n", "0"],
+                                  ["train", "--arch", "qwen2", "--steps", "x"], []])
+def test_cli_rejects_bad_arguments(args: list[str]):
+    out = subprocess.run([sys.executable, "-m", "lowmem_course.student", *args], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "usage:" in out.stderr
