@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lowmem_course import family, measure, precision
+from lowmem_course import family, lab, measure, precision
 from lowmem_course.recipe import Recipe
 
 
@@ -95,10 +95,11 @@ def batch_for_step(rows: list[tuple[list[int], list[int]]], step: int, batch: in
     return input_ids, labels, mask
 
 
-def load_model(name: str, recipe: Recipe, lora_rank: int, workdir: Path):
+def load_model(name: str, recipe: Recipe, lora_rank: int, workdir: Path, seed: int = 0):
     """The model and tokenizer of a run, with the recipe's techniques applied."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
+
+    from lowmem_course import quantize
 
     if name.startswith("tiny:"):
         from lowmem_course.reasoning import MODEL_VOCAB_SIZE, make_tokenizer
@@ -110,23 +111,17 @@ def load_model(name: str, recipe: Recipe, lora_rank: int, workdir: Path):
     else:
         path = family.student_path(name) or Path(name)
         tokenizer = AutoTokenizer.from_pretrained(path if Path(path).is_dir() else family.resolve(name).hub_id)
-    kwargs = {}
-    if recipe.mode == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if recipe.precision != "fp16" else torch.float16)
-    model = family.load(path, **kwargs)
-    if recipe.mode == "qlora":
-        from lowmem_course import quantize
-
-        quantize.keep_4bit_weights_trainable(model)
-    if recipe.checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.mode in ("lora", "qlora"):
+    if recipe.mode == "qlora":  # frozen NF4 base (double quantization), 16-bit everything else
+        dtype = torch.float16 if recipe.precision == "fp16" else torch.bfloat16
+        model = quantize.load_quantized(path, "nf4-dq", device=lab.get_device(), dtype=dtype)
+    else:
+        model = family.load(path).to(lab.get_device())
+    if recipe.mode == "full":
         if recipe.checkpointing:
-            model.enable_input_require_grads()  # else the adapters behind a checkpoint get no gradient
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
-                                                 target_modules="all-linear", lora_dropout=0.0))
+            model.activation_checkpointing_enable()
+    else:
+        model = quantize.add_lora(model, rank=lora_rank, alpha=2 * lora_rank,
+                                  checkpointing=recipe.checkpointing, seed=seed)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -189,7 +184,7 @@ def train(args: argparse.Namespace) -> dict:
     examples = read_examples(Path(args.data))
     fingerprint = run_fingerprint(args)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, recipe, args.lora_rank, out)
+    model, tokenizer = load_model(args.model, recipe, args.lora_rank, out, args.seed)
     rows = encode(examples, tokenizer, args.max_tokens)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     start = restore_checkpoint(out, model, optimizer, fingerprint) if args.resume and has_checkpoint else 0
