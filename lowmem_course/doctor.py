@@ -176,8 +176,6 @@ def check_disk(path: Path | None = None) -> Check:
 
 def check_student(arch: str) -> Check:
     """Whether the shipped student of ``arch`` and its tokenizer load offline, as ``student.load_student`` does."""
-    from transformers import AutoTokenizer
-
     from lowmem_course import family
     from lowmem_course.student import student_dir
 
@@ -189,7 +187,7 @@ def check_student(arch: str) -> Check:
     try:
         with redirect_stderr(io.StringIO()):
             model = family.load(path)
-            AutoTokenizer.from_pretrained(path)
+            family.load_tokenizer(path)
     except Exception as failure:  # noqa: BLE001 - a student that does not load is the finding
         return Check(name, FAIL, f"does not load: {type(failure).__name__}: {failure}", fix)
     n = sum(p.numel() for p in model.parameters())

@@ -249,3 +249,25 @@ def load(name_or_path: str | Path, **kwargs: Any) -> torch.nn.Module:
     if kwargs.get("trust_remote_code"):
         raise ValueError("the course never runs remote code: drop trust_remote_code")
     return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, **kwargs)
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """The tokenizer that goes with ``load(name_or_path)``.
+
+    A directory whose ``tokenizer_config.json`` names the generic ``TokenizersBackend`` (the shipped
+    students, and anything saved from a ``tokenizers`` object) is loaded as exactly that: its
+    ``tokenizer.json`` decides everything. ``AutoTokenizer`` would substitute the model type's own
+    class (``Qwen2Tokenizer`` for a qwen2 config), whose pre-tokenizer splits the students'
+    ``<think>`` token into characters. Everything else goes through ``AutoTokenizer``.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = student_path(str(name_or_path)) or Path(name_or_path).expanduser()
+    if path.is_dir():
+        settings = path / "tokenizer_config.json"
+        if settings.is_file() and json.loads(settings.read_text()).get("tokenizer_class") == "TokenizersBackend":
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(resolve(str(name_or_path)).hub_id)

@@ -174,12 +174,10 @@ def load_student(arch: str = "qwen2", **kwargs) -> tuple[torch.nn.Module, PreTra
 
     ``kwargs`` go to ``from_pretrained`` (``dtype``, ``quantization_config``, ``device_map``, ...).
     """
-    from transformers import AutoTokenizer
-
     if arch not in ARCHS:
         raise ValueError(f"unknown student arch {arch!r}: choose from {', '.join(ARCHS)}")
     path = student_dir(arch)
-    return family.load(path, **kwargs).eval(), AutoTokenizer.from_pretrained(path)
+    return family.load(path, **kwargs).eval(), family.load_tokenizer(path)
 
 
 def save(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out: Path, log: list[tuple[int, float]],

@@ -61,17 +61,15 @@ def test_unseen_task_is_not_known_yet():
     assert accuracy(model, tok, n=50, seed=0, task="subtraction", progress=False) <= 0.1
 
 
-SHORT_STEPS = 400  # about 30-60 s on 2 CPU cores
-
-
 def test_short_training_run_learns():
-    cfg = replace(TrainConfig.for_arch("deepseek_v3"), steps=SHORT_STEPS, log_every=50)
+    # 40 small steps (about 20 s here): the loss must fall well below where it starts. The shipped
+    # students' 1000-step runs are checked through their recorded accuracy instead.
+    cfg = replace(TrainConfig.for_arch("qwen2"), steps=40, batch_size=16, warmup=10, log_every=20)
     model, tok, log = train(cfg, progress=False)
-    assert [s for s, _ in log] == list(range(50, SHORT_STEPS + 1, 50))
-    assert log[0][1] > 2.0 and log[-1][1] < 0.1 * log[0][1]  # nats per target token
-    untrained = family.build(student_config("deepseek_v3"), seed=0)
-    assert accuracy(untrained, tok, n=100, seed=0, progress=False) == 0.0
-    assert accuracy(model, tok, n=100, seed=0, progress=False) >= 0.1  # 0.22-0.5, thread-count dependent
+    assert [s for s, _ in log] == [20, 40]
+    assert log[0][1] > 1.8 and log[-1][1] < 0.8 * log[0][1]  # nats per target token
+    untrained = family.build(student_config("qwen2"), seed=0)
+    assert accuracy(untrained, tok, n=50, seed=0, progress=False) == 0.0
 
 
 def test_make_batch_masks_prompt_and_padding():
@@ -108,3 +106,12 @@ def test_cli_rejects_bad_arguments(args: list[str]):
     out = subprocess.run([sys.executable, "-m", "lowmem_course.student", *args], capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "usage:" in out.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
+def test_the_shipped_tokenizer_encodes_like_the_training_one(arch: str):
+    # AutoTokenizer would pick Qwen2Tokenizer for these configs, which splits <think> into characters
+    trace = "482+357=<think>2+7+0=09,5+5+0=10,4+3+1=08</think>839"
+    loaded = family.load_tokenizer(f"student-{arch.replace('_', '-')}")
+    assert loaded(trace).input_ids == TOK(trace).input_ids
+    assert loaded.convert_tokens_to_ids("<think>") in loaded(trace).input_ids
