@@ -97,8 +97,6 @@ def batch_for_step(rows: list[tuple[list[int], list[int]]], step: int, batch: in
 
 def load_model(name: str, recipe: Recipe, lora_rank: int, workdir: Path, seed: int = 0):
     """The model and tokenizer of a run, with the recipe's techniques applied."""
-    from transformers import AutoTokenizer
-
     from lowmem_course import quantize
 
     if name.startswith("tiny:"):
@@ -110,12 +108,16 @@ def load_model(name: str, recipe: Recipe, lora_rank: int, workdir: Path, seed: i
         tokenizer.save_pretrained(path)
     else:
         path = family.student_path(name) or Path(name)
-        tokenizer = AutoTokenizer.from_pretrained(path if Path(path).is_dir() else family.resolve(name).hub_id)
-    if recipe.mode == "qlora":  # frozen NF4 base (double quantization), 16-bit everything else
-        dtype = torch.float16 if recipe.precision == "fp16" else torch.bfloat16
-        model = quantize.load_quantized(path, "nf4-dq", device=lab.get_device(), dtype=dtype)
+        tokenizer = family.load_tokenizer(path)
+    # The base is loaded in the recipe's dtype, never the checkpoint's (Hub checkpoints are bf16):
+    # full fine-tuning keeps fp32 master weights; a frozen LoRA base is 16-bit under bf16/fp16;
+    # QLoRA stores it in NF4 with double quantization and computes in 16 bits.
+    half = torch.float16 if recipe.precision == "fp16" else torch.bfloat16
+    if recipe.mode == "qlora":
+        model = quantize.load_quantized(path, "nf4-dq", device=lab.get_device(), dtype=half)
     else:
-        model = family.load(path).to(lab.get_device())
+        frozen_half = recipe.mode == "lora" and recipe.precision != "fp32"
+        model = family.load(path, dtype=half if frozen_half else torch.float32).to(lab.get_device())
     if recipe.mode == "full":
         if recipe.checkpointing:
             model.activation_checkpointing_enable()
@@ -193,7 +195,8 @@ def train(args: argparse.Namespace) -> dict:
     model.train()
     log = (out / "log.jsonl").open("a")
     last_step: measure.Measurement | None = None
-    for step in tqdm(range(start, args.steps), desc=f"train {recipe}", initial=start, total=args.steps):
+    for step in tqdm(range(start, args.steps), desc=f"train {recipe}", initial=start, total=args.steps,
+                     disable=getattr(args, "no_progress", False)):
         input_ids, labels, mask = (t.to(model.device) for t in batch_for_step(
             rows, step, args.batch, args.seed, tokenizer.pad_token_id))
 
@@ -241,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=_positive, default=16)
     p.add_argument("--save-every", type=_positive, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs, scripts and notebooks)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     group.add_argument("--overwrite", action="store_true", help="delete --out and start over")
