@@ -1,16 +1,42 @@
-"""The stored notebooks are the executed form of their sources in notebooks/src/."""
+"""The stored notebooks are the executed form of their sources in notebooks/src/.
 
+The same holds for the exercises' worked solutions: ``notebooks/src/solutions/NN_topic.py`` is
+stored executed as ``notebooks/solutions/NN_topic.ipynb``, and every course notebook with an
+"## Exercises" section has one, solving as many exercises as the section asks.
+"""
+
+import re
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from lowmem_course import lab
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from build_notebooks import parse_cells  # noqa: E402
+from build_notebooks import parse_cells, target_of  # noqa: E402
 
 SOURCES = sorted((ROOT / "notebooks" / "src").glob("*.py"))
+SOLUTION_SOURCES = sorted((ROOT / "notebooks" / "src" / "solutions").glob("*.py"))
+EXERCISE = re.compile(r"^\d+\. ", re.MULTILINE)  # "1. *(easy)* ..." in an Exercises section
+SOLVED = re.compile(r"^## Exercise (\d+)\b", re.MULTILINE)  # one heading per solved exercise
+
+
+def _rebuild_hint(source: Path) -> str:
+    prefix = "solutions/" if source.parent.name == "solutions" else ""
+    return f"rebuild it: python tools/build_notebooks.py {prefix}{source.stem[:2]}"
+
+
+def _exercises(source: Path) -> int | None:
+    """How many exercises the course notebook's "## Exercises" section lists (None without one)."""
+    for cell in parse_cells(source.read_text()):
+        if cell.cell_type == "markdown" and "## Exercises" in cell.source:
+            section = cell.source.split("## Exercises", 1)[1]
+            section = re.split(r"^## ", section, maxsplit=1, flags=re.MULTILINE)[0]
+            return len(EXERCISE.findall(section))
+    return None
 
 
 def test_every_source_has_a_stored_notebook_and_back():
@@ -18,16 +44,41 @@ def test_every_source_has_a_stored_notebook_and_back():
     assert stored == {s.stem for s in SOURCES}
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_every_solution_source_has_a_stored_notebook_and_back():
+    stored = {p.stem for p in (ROOT / "notebooks" / "solutions").glob("*.ipynb")}
+    assert stored == {s.stem for s in SOLUTION_SOURCES}
+
+
+@pytest.mark.parametrize("source", SOURCES + SOLUTION_SOURCES,
+                         ids=lambda p: f"{p.parent.name}/{p.stem}" if p.parent.name == "solutions" else p.stem)
 def test_stored_notebook_matches_its_source_and_has_outputs(source):
-    notebook = nbformat.read(source.parents[1] / f"{source.stem}.ipynb", as_version=4)
+    notebook = nbformat.read(target_of(source), as_version=4)
     expected = [(c.cell_type, c.source) for c in parse_cells(source.read_text())]
-    assert [(c.cell_type, c.source) for c in notebook.cells] == expected, \
-        f"rebuild it: python tools/build_notebooks.py {source.stem[:2]}"
+    assert [(c.cell_type, c.source) for c in notebook.cells] == expected, _rebuild_hint(source)
     code = [c for c in notebook.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "every code cell is stored executed"
+
+
+@pytest.mark.parametrize("source", [s for s in SOURCES if _exercises(s)], ids=lambda p: p.stem)
+def test_every_notebook_with_exercises_has_a_solution_per_exercise(source):
+    solution = ROOT / "notebooks" / "src" / "solutions" / source.name
+    assert solution.exists(), f"write its solutions in {solution.relative_to(ROOT)}"
+    cells = parse_cells(solution.read_text())
+    solved = [int(n) for c in cells if c.cell_type == "markdown" for n in SOLVED.findall(c.source)]
+    assert solved == list(range(1, _exercises(source) + 1)), \
+        f"{solution.name} solves exercises {solved}; {source.name} asks {_exercises(source)}"
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith(f"# {source.stem[:2]} · ")
+    assert cells[0].source.splitlines()[0].endswith(" — solutions")
+    first_code = next(c for c in cells if c.cell_type == "code")
+    assert first_code.source == lab.SETUP_CELL, "the first code cell must be lab.SETUP_CELL"
 
 
 def test_markdown_parsing_keeps_blank_lines_and_strips_the_comment_marks():
     cells = parse_cells("# %% [markdown]\n# # Title\n#\n# text\n# %%\nx = 1\n")
     assert [(c.cell_type, c.source) for c in cells] == [("markdown", "# Title\n\ntext"), ("code", "x = 1")]
+
+
+def test_solution_sources_build_into_the_solutions_folder():
+    source = ROOT / "notebooks" / "src" / "solutions" / "00_where_the_memory_goes.py"
+    assert target_of(source) == ROOT / "notebooks" / "solutions" / "00_where_the_memory_goes.ipynb"
+    assert target_of(SOURCES[0]) == ROOT / "notebooks" / f"{SOURCES[0].stem}.ipynb"

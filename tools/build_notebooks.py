@@ -8,6 +8,15 @@ with its outputs, so learners can read the results on GitHub before running anyt
 
     python tools/build_notebooks.py                 # every notebook
     python tools/build_notebooks.py 00 03           # the notebooks whose names start with these
+
+The exercises' worked solutions live in ``notebooks/src/solutions/NN_topic.py`` (same format, same
+file name as the course notebook's source) and build into ``notebooks/solutions/NN_topic.ipynb``,
+executed from ``notebooks/solutions``. Name them with a ``solutions/`` prefix:
+
+    python tools/build_notebooks.py solutions/00    # the solutions of notebook 00
+    python tools/build_notebooks.py solutions/      # every solution notebook
+
+A bare prefix (``00``) picks course notebooks only, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ROOT / "notebooks" / "src"
+SOLUTION_SOURCES = SOURCES / "solutions"
+SOLUTIONS_PREFIX = "solutions/"
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
@@ -47,9 +58,21 @@ def parse_cells(text: str) -> list[nbformat.NotebookNode]:
     return cells
 
 
+def target_of(source: Path) -> Path:
+    """Where ``source`` is stored as a notebook: ``notebooks/src/X.py`` -> ``notebooks/X.ipynb``,
+    ``notebooks/src/solutions/X.py`` -> ``notebooks/solutions/X.ipynb``."""
+    relative = source.resolve().relative_to(SOURCES)
+    return ROOT / "notebooks" / relative.with_suffix(".ipynb")
+
+
 def build(source: Path, timeout_s: int = 600) -> Path:
-    """Execute ``source`` as a notebook and write ``notebooks/<name>.ipynb``; returns its path."""
-    target = source.parents[1] / (source.stem + ".ipynb")
+    """Execute ``source`` as a notebook and write it where ``target_of`` says; returns its path.
+
+    The kernel runs in the stored notebook's folder, so relative paths in a notebook resolve the
+    same when nbval runs it.
+    """
+    target = target_of(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
     notebook = nbformat.v4.new_notebook(cells=parse_cells(source.read_text()))
     notebook.metadata["kernelspec"] = KERNEL
     notebook.metadata["language_info"] = {"name": "python"}
@@ -64,10 +87,15 @@ def build(source: Path, timeout_s: int = 600) -> Path:
 
 
 def main(prefixes: list[str]) -> None:
-    sources = sorted(SOURCES.glob("*.py"))
-    chosen = [s for s in sources if not prefixes or any(s.stem.startswith(p) for p in prefixes)]
+    course = [p for p in prefixes if not p.startswith(SOLUTIONS_PREFIX)]
+    answers = [p.removeprefix(SOLUTIONS_PREFIX) for p in prefixes if p.startswith(SOLUTIONS_PREFIX)]
+    chosen = []
+    if course or not prefixes:
+        chosen += [s for s in sorted(SOURCES.glob("*.py")) if not course or any(s.stem.startswith(p) for p in course)]
+    if answers:
+        chosen += [s for s in sorted(SOLUTION_SOURCES.glob("*.py")) if any(s.stem.startswith(p) for p in answers)]
     if not chosen:
-        sys.exit(f"no notebook source matches {prefixes} in {SOURCES}")
+        sys.exit(f"no notebook source matches {prefixes} in {SOURCES} (solutions: {SOLUTION_SOURCES})")
     for source in chosen:
         build(source)
 
