@@ -12,9 +12,14 @@ Two families of pruning, with very different memory stories:
   routed experts), chosen from statistics on calibration tokens. The parameter bytes really shrink.
 
 Wanda (Sun et al., arXiv 2306.11695) scores a weight by ``|W_ij| * ||X_j||_2``, the L2 norm of its
-input feature over the calibration tokens. Scores are compared across the whole matrix
-(``per="layer"``, as ``torchao.sparsity.WandaSparsifier`` does) or within each output row
-(``per="row"``, the paper's choice for large LLMs).
+input feature over all calibration tokens, and compares scores within each output row
+(``per="row"``, the paper's choice). Magnitude pruning, the paper's baseline, compares ``|W|``
+across the whole matrix (``per="layer"``, as ``torchao.sparsity.WandaSparsifier`` also does).
+Those are the defaults of ``prune_unstructured``; either method takes either group.
+
+Calibration batches are ``input_ids`` plus ``attention_mask`` (padding excluded everywhere);
+``generated_calibration`` makes them from the model's own greedy completions, token ids as
+generated (special tokens such as ``<think>`` included, nothing re-tokenized).
 """
 
 from __future__ import annotations
@@ -65,11 +70,64 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
 
 @torch.no_grad()
 def _run(model: nn.Module, batches: list[Batch], token_mask: list[torch.Tensor]) -> None:
-    """Forward every batch, publishing the current batch's token mask in ``token_mask[0]``."""
+    """Forward every batch, publishing the current batch's token mask in ``token_mask[0]``.
+
+    Positions count real tokens only (as ``generate`` does), so left-padded rows see the same
+    rotary positions as right-padded ones.
+    """
     for batch in batches:
         ids = batch["input_ids"]
-        token_mask[:] = [batch.get("attention_mask", torch.ones_like(ids)).bool()]
-        model(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False)
+        mask = batch.get("attention_mask", torch.ones_like(ids))
+        token_mask[:] = [mask.bool()]
+        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+
+
+@torch.no_grad()
+def generated_calibration(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> Batch:
+    """Calibration tokens from the model's own greedy completions of ``prompts``.
+
+    Each row is the prompt's token ids followed by the generated ids up to and including the first
+    ``eos_token_id``, exactly as generated (special tokens kept, no decode/re-encode round trip),
+    right-padded with ``pad_token_id``. Returns ``input_ids`` and ``attention_mask``, int64,
+    shape (len(prompts), longest row).
+    """
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id).cpu()
+    rows = []
+    for i in range(len(prompts)):
+        prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        generated = out[i, enc["input_ids"].shape[1]:].tolist()
+        if tokenizer.eos_token_id in generated:
+            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+        rows.append(prompt + generated)
+    input_ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _input_sums(model: nn.Module, calibration: Batch | Iterable[Batch], modules: dict[str, nn.Module],
+                stat) -> dict[str, torch.Tensor]:
+    """Sum ``stat(x)`` over the calibration batches, ``x`` the (tokens, in_features) fp32 input of each module."""
+    sums: dict[str, torch.Tensor] = {}
+    token_mask: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def accumulate(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])[token_mask[0].flatten()].float()  # padding dropped
+            sums[name] = sums.get(name, 0) + stat(x)
+        return accumulate
+
+    with _hooks([m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]):
+        _run(model, _batches(calibration), token_mask)
+    return sums
 
 
 def input_norms(model: nn.Module, calibration: Batch | Iterable[Batch],
@@ -80,18 +138,27 @@ def input_norms(model: nn.Module, calibration: Batch | Iterable[Batch],
     ``(in_features,)``: ``sqrt(sum over tokens of x_j ** 2)``.
     """
     modules = prunable_linears(model) if modules is None else modules
-    sums: dict[str, torch.Tensor] = {}
-    token_mask: list[torch.Tensor] = []
+    return {name: s.sqrt() for name, s in _input_sums(model, calibration, modules, lambda x: x.pow(2).sum(dim=0)).items()}
 
-    def hook(name: str):
-        def accumulate(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1])[token_mask[0].flatten()].float()  # padding dropped
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0)
-        return accumulate
 
-    with _hooks([m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]):
-        _run(model, _batches(calibration), token_mask)
-    return {name: s.sqrt() for name, s in sums.items()}
+def input_grams(model: nn.Module, calibration: Batch | Iterable[Batch],
+                modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """``X^T X`` of each module's inputs over the calibration tokens (fp32, ``(in_features, in_features)``).
+
+    Its diagonal is ``input_norms ** 2``; the whole matrix gives ``relative_output_error``.
+    """
+    modules = prunable_linears(model) if modules is None else modules
+    return _input_sums(model, calibration, modules, lambda x: x.T @ x)
+
+
+def relative_output_error(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||X (W * mask)^T - X W^T||^2 / ||X W^T||^2`` on the calibration tokens (``gram = X^T X``).
+
+    The layer-wise objective that Wanda approximates (with only the diagonal of ``gram``).
+    """
+    w = weight.detach().float()
+    delta = w * ~mask
+    return float(((delta @ gram) * delta).sum() / ((w @ gram) * w).sum())
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -156,14 +223,19 @@ def make_permanent(model: nn.Module) -> None:
             torch_prune.remove(module, "weight")
 
 
+DEFAULT_GROUP = {"magnitude": "layer", "wanda": "row"}  # the Wanda paper's choices for each method
+
+
 def prune_unstructured(model: nn.Module, method: str = "wanda", sparsity: float = 0.5,
                        calibration: Batch | Iterable[Batch] | None = None,
-                       pattern: str = "unstructured", per: str = "layer") -> dict[str, torch.Tensor]:
+                       pattern: str = "unstructured", per: str | None = None) -> dict[str, torch.Tensor]:
     """Zero weights of every decoder ``nn.Linear`` with masks; returns the masks, by module name.
 
     ``method`` "magnitude" ranks ``|W|``; "wanda" ranks ``|W| * ||X||`` and needs ``calibration``
-    batches. ``per`` is the comparison group ("layer": the whole matrix, "row": each output row).
+    batches. ``per`` is the comparison group ("layer": the whole matrix, "row": each output row);
+    ``None`` takes the paper's choice (``DEFAULT_GROUP``: magnitude per layer, Wanda per row).
     ``pattern`` "2:4" ignores ``sparsity`` and ``per`` (always 2 of every 4 weights of a row).
+    Embeddings and ``lm_head`` are never pruned.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -171,6 +243,7 @@ def prune_unstructured(model: nn.Module, method: str = "wanda", sparsity: float 
         raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
     if method == "wanda" and calibration is None:
         raise ValueError("wanda needs calibration batches (input_ids of real text)")
+    per = DEFAULT_GROUP[method] if per is None else per
     modules = prunable_linears(model)
     norms = input_norms(model, calibration, modules) if method == "wanda" else {}
     masks = {}

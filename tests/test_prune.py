@@ -264,3 +264,71 @@ def test_pruned_config_counts_what_the_pruned_model_holds():
         prune.pruned_config(r1, mlp=0.5)
     with pytest.raises(ValueError):
         prune.pruned_config(cfg, layers=0.0)
+
+
+def test_prune_unstructured_defaults_to_the_papers_comparison_groups():
+    assert prune.DEFAULT_GROUP == {"magnitude": "layer", "wanda": "row"}
+    batch = calibration()
+    wanda, magnitude = tiny_model(), tiny_model()
+    wanda_masks = prune.prune_unstructured(wanda, "wanda", 0.5, batch)
+    magnitude_masks = prune.prune_unstructured(magnitude, "magnitude", 0.5)
+    for name, module in prune.prunable_linears(wanda).items():
+        in_f = module.weight.shape[1]
+        assert (~wanda_masks[name]).sum(dim=1).tolist() == [in_f // 2] * module.weight.shape[0], name
+    expected = prune.unstructured_mask(prune.magnitude_scores(tiny_model().model.layers[0].mlp.up_proj.weight), 0.5)
+    assert torch.equal(magnitude_masks["model.layers.0.mlp.up_proj"], expected)
+
+
+def test_calibration_positions_ignore_left_padding():
+    """A left-padded batch must give the same statistics as the same rows right-padded."""
+    model = tiny_model()
+    ids = steps.random_batch(family.TINY_VOCAB, 2, 12, seed=4)
+    lengths = [12, 7]
+    right = {"input_ids": ids.clone(), "attention_mask": torch.zeros_like(ids)}
+    left = {"input_ids": torch.zeros_like(ids), "attention_mask": torch.zeros_like(ids)}
+    for i, n in enumerate(lengths):
+        right["attention_mask"][i, :n] = 1
+        left["input_ids"][i, 12 - n:] = ids[i, :n]
+        left["attention_mask"][i, 12 - n:] = 1
+    for name, norm in prune.input_norms(model, left).items():
+        torch.testing.assert_close(norm, prune.input_norms(model, right)[name], msg=name)
+
+
+def test_input_grams_and_relative_output_error_are_exact():
+    model = tiny_model()
+    batch = calibration()
+    grams = prune.input_grams(model, batch)
+    norms = prune.input_norms(model, batch)
+    name = "model.layers.1.self_attn.o_proj"
+    torch.testing.assert_close(grams[name].diagonal(), norms[name] ** 2)
+    captured = []
+    module = prune.prunable_linears(model)[name]
+    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    x, w = captured[0], module.weight.detach()
+    mask = prune.unstructured_mask(prune.wanda_scores(w, norms[name]), 0.5, per="row")
+    direct = ((x @ (w * mask).T - x @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
+    assert prune.relative_output_error(w, mask, grams[name]) == pytest.approx(direct, rel=1e-4)
+    assert prune.relative_output_error(w, torch.ones_like(mask), grams[name]) == 0.0
+
+
+def test_generated_calibration_keeps_the_generated_ids():
+    """The student's own traces, token for token: <think> and <eos> kept, right-padded."""
+    from lowmem_course.reasoning import sample
+    from lowmem_course.student import load_student
+
+    model, tok = load_student("qwen2")
+    problems = sample(6, seed=3, split="train")
+    batch = prune.generated_calibration(model, tok, [p.prompt for p in problems])
+    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].dtype == torch.long
+    for ids, mask, problem in zip(batch["input_ids"], batch["attention_mask"], problems):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # right padding
+        assert (ids[n:] == tok.pad_token_id).all()
+        tokens = tok.convert_ids_to_tokens(ids[:n].tolist())
+        assert tokens[0] == "<bos>" and tokens[-1] == "<eos>" and "<think>" in tokens and "</think>" in tokens
+        assert tok.decode(ids[:n], skip_special_tokens=True) == problem.text  # the student solves its training problems
+    with pytest.raises(ValueError):
+        prune.generated_calibration(model, tok, [])
