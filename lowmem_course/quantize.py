@@ -11,6 +11,12 @@ The module also closes the gaps users fall into: bitsandbytes' CPU repacking of 
 (``disable_cpu_repacking``), the fused 3-D expert weights of transformers 5's MoE layers that 4-bit
 loading leaves in 16 bits (``quantize_experts``), and the small optimizer states of LoRA adapters
 (``make_optimizer``). Byte counts are bytes; bits per weight are bits.
+
+QLoRA teaches the 4-bit student a skill it never saw (``SkillConfig``, ``teach``); the result ships
+as an adapter under ``students/adapters/<task>/`` with the recipe and accuracy it reached::
+
+    python -m lowmem_course.quantize teach              # retrain the shipped subtraction adapter (~5 min CPU)
+    python -m lowmem_course.quantize eval subtraction   # its accuracy on 500 held-out problems
 """
 
 from __future__ import annotations
@@ -317,22 +323,224 @@ def make_optimizer(model: torch.nn.Module, name: str = "adamw", lr: float = 1e-3
 
 
 def train_adapters(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int) -> list[float]:
+                   batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int,
+                   schedule: Callable[[int], float] | None = None, grad_clip: float | None = None,
+                   progress: bool = False) -> list[float]:
     """Train for ``steps`` steps on ``batches(step) -> (input_ids, labels)``; returns the losses (nats/token).
 
-    Plain loop: forward with labels, backward, optimizer step. The model is left in eval mode.
+    Plain loop: forward with labels, backward, optimizer step. ``schedule(step)`` sets the learning
+    rate of every step (default: the optimizer's), ``grad_clip`` clips the trainable parameters'
+    gradient norm. The model is left in eval mode.
     """
     if steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps}")
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     model.train()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="train adapters", disable=not progress):
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(step)
         input_ids, labels = batches(step)
         loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# A new skill for the 4-bit student: the recipe, the run, the shipped adapter.
+
+ADAPTERS_DIR = family.STUDENTS_DIR / "adapters"  # shipped QLoRA adapters, one folder per skill
+ADAPTER_EVAL_N, ADAPTER_EVAL_SEED = 500, 0  # the held-out set each adapter's recipe.json records
+ADAPTER_TARGET_ACCURACY = 0.80  # what a shipped adapter must reach on its task
+
+
+@dataclass(frozen=True)
+class SkillConfig:
+    """The recipe of a QLoRA run that teaches the shipped ``arch`` student a ``task`` of ``reasoning``.
+
+    The base is the student in ``fmt`` (frozen), the adapters LoRA of ``rank`` on every linear map;
+    AdamW at ``lr`` after ``warmup`` linear steps, cosine decay to ``lr * min_lr_ratio``;
+    ``batch_size`` fresh training-split problems per step. ``checkpointing`` recomputes each
+    decoder layer in backward (as the QLoRA paper does): same gradients, fewer saved activations.
+    """
+
+    task: str = "subtraction"
+    arch: str = "qwen2"
+    fmt: str = "nf4-dq"
+    rank: int = 8
+    alpha: int = 16
+    lr: float = 1e-2
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    steps: int = 400
+    batch_size: int = 64
+    grad_clip: float = 1.0
+    checkpointing: bool = True
+    seed: int = 0
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def skill_batches(cfg: SkillConfig) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``batches(step)``: ``cfg.batch_size`` training-split ``cfg.task`` problems, fresh and seeded per step.
+
+    Tokenized with ``reasoning.make_tokenizer()``, the tokenizer the students were trained with (it
+    keeps ``<think>`` and ``</think>`` as one token each in the traces).
+    """
+    from lowmem_course import reasoning, student
+
+    tok = reasoning.make_tokenizer()
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        problems = reasoning.sample(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train", task=cfg.task)
+        return student.make_batch(problems, tok)
+
+    return batches
+
+
+def teach(cfg: SkillConfig, device: str | torch.device = "cpu", progress: bool = True,
+          ) -> tuple[torch.nn.Module, Any, list[float]]:
+    """Run ``cfg``: the 4-bit student with fresh adapters, trained on ``cfg.task``.
+
+    Returns the PeftModel (eval mode), the student's tokenizer and the loss of every step (nats per
+    target token). Seeded: the same config gives the same adapters on the same machine.
+    """
+    from lowmem_course import reasoning, student
+
+    torch.manual_seed(cfg.seed)
+    base = student.student_dir(cfg.arch)
+    tok = reasoning.make_tokenizer()
+    model = add_lora(load_quantized(base, cfg.fmt, device=device), rank=cfg.rank, alpha=cfg.alpha,
+                     checkpointing=cfg.checkpointing, seed=cfg.seed)
+    optimizer = make_optimizer(model, "adamw", lr=cfg.lr)
+    losses = train_adapters(model, optimizer, skill_batches(cfg), cfg.steps, schedule=cfg.learning_rate,
+                            grad_clip=cfg.grad_clip, progress=progress)
+    return model, tok, losses
+
+
+def adapter_dir(name: str) -> Path:
+    """Where the shipped adapter ``name`` lives (``adapter_model.safetensors`` + ``recipe.json``)."""
+    return ADAPTERS_DIR / name
+
+
+def load_adapter(name_or_path: str | Path, device: str | torch.device = "cpu",
+                 ) -> tuple[torch.nn.Module, Any, dict]:
+    """The 4-bit student with a saved adapter on top, the reasoning tokenizer and the adapter's recipe.
+
+    ``name_or_path`` is a shipped adapter's name ("subtraction") or a directory written by
+    ``save_adapter``. The base is loaded in the recipe's format, CPU repacking switched off.
+    """
+    import json
+
+    from peft import PeftModel
+
+    from lowmem_course import reasoning, student
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        path = adapter_dir(str(name_or_path))
+    if not (path / "recipe.json").is_file():
+        raise FileNotFoundError(f"no adapter at {name_or_path!r}: expected a folder with recipe.json "
+                                f"(shipped: {', '.join(sorted(p.name for p in ADAPTERS_DIR.glob('*'))) or 'none'})")
+    recipe = json.loads((path / "recipe.json").read_text())
+    cfg = SkillConfig(**recipe["skill_config"])
+    base = student.student_dir(cfg.arch)
+    model = PeftModel.from_pretrained(load_quantized(base, cfg.fmt, device=device), path).eval()
+    disable_cpu_repacking(model)
+    return model, reasoning.make_tokenizer(), recipe
+
+
+def save_adapter(model: torch.nn.Module, out: Path, losses: list[float], recipe: dict) -> None:
+    """Write the adapters (``save_pretrained``: safetensors + adapter config), ``loss.csv`` and ``recipe.json``."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+    config = json.loads((out / "adapter_config.json").read_text())
+    arch = recipe.get("skill_config", {}).get("arch", SkillConfig.arch)
+    config["base_model_name_or_path"] = f"student-{arch}"  # not this machine's path (load_adapter loads the base)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{s + 1},{l:.6f}\n" for s, l in enumerate(losses)))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``teach`` a skill with QLoRA and ship the adapter, or ``eval`` a shipped adapter."""
+    import argparse
+    import json
+    import shlex
+    import sys
+    import time
+    from dataclasses import asdict, replace
+
+    from lowmem_course import reasoning, student
+
+    parser = argparse.ArgumentParser(prog="python -m lowmem_course.quantize",
+                                     description="QLoRA adapters that teach the 4-bit student a new skill")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_teach = sub.add_parser("teach", help="train an adapter from its seed and save it")
+    p_teach.add_argument("--task", choices=sorted(reasoning.TASKS), default=SkillConfig.task)
+    p_teach.add_argument("--out", type=Path, help="directory to save to (default: the shipped adapter's)")
+    p_teach.add_argument("--steps", type=_positive_int, default=SkillConfig.steps)
+    p_teach.add_argument("--seed", type=int, default=SkillConfig.seed)
+    p_eval = sub.add_parser("eval", help="exact-match accuracy of a saved adapter on the 4-bit student")
+    p_eval.add_argument("adapter", help="a shipped adapter's name (e.g. subtraction) or a directory")
+    p_eval.add_argument("--n", type=_positive_int, default=ADAPTER_EVAL_N, help="number of held-out problems")
+    p_eval.add_argument("--seed", type=int, default=ADAPTER_EVAL_SEED, help="seed that draws the held-out problems")
+    args = parser.parse_args(argv)
+
+    if args.command == "eval":
+        try:
+            model, tok, recipe = load_adapter(args.adapter)
+        except FileNotFoundError as err:
+            parser.exit(2, f"error: {err}\n")
+        task = recipe["skill_config"]["task"]
+        print(f"{task} accuracy: {student.accuracy(model, tok, n=args.n, seed=args.seed, task=task):.3f}")
+        return
+    cfg = SkillConfig(task=args.task, steps=args.steps, seed=args.seed)
+    out = args.out or adapter_dir(cfg.task)
+    fix_cpu_dequantize()
+    before_model = load_quantized(student.student_dir(cfg.arch), cfg.fmt)
+    start = time.perf_counter()
+    model, tok, losses = teach(cfg)
+    wall = time.perf_counter() - start
+    before = student.accuracy(before_model, tok, n=ADAPTER_EVAL_N, seed=ADAPTER_EVAL_SEED, task=cfg.task)
+    acc = student.accuracy(model, tok, n=ADAPTER_EVAL_N, seed=ADAPTER_EVAL_SEED, task=cfg.task)
+    args_text = shlex.join(argv if argv is not None else sys.argv[1:])
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python -m lowmem_course.quantize {args_text}"
+    save_adapter(model, out, losses, dict(
+        command=command, skill_config=asdict(cfg), trainable_parameters=trainable_parameters(model),
+        wall_seconds=round(wall, 1), final_loss=round(sum(losses[-10:]) / len(losses[-10:]), 6),
+        accuracy_before=before, accuracy=acc, eval_n=ADAPTER_EVAL_N, eval_seed=ADAPTER_EVAL_SEED,
+        eval_split="heldout", threads=torch.get_num_threads(), torch=torch.__version__))
+    print(f"saved to {out} ({wall:.0f} s)")
+    print(f"{cfg.task} accuracy: {before:.3f} -> {acc:.3f}")
+
+
+if __name__ == "__main__":
+    main()
