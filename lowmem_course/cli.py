@@ -2,6 +2,7 @@
 
     lowmem estimate r1-distill-qwen-7b --mode lora --seq 4096 --json
     lowmem plan r1-distill-qwen-7b --gpu-memory 24GiB
+    lowmem plan r1-distill-qwen-1.5b --gpu-memory 15GiB --precisions fp16-mixed,fp32   # a T4: no bf16
     lowmem validate
     lowmem train --model student-qwen2 --recipe qlora+checkpointing+bf16 --data d.jsonl --out runs/q
     lowmem doctor
@@ -55,6 +56,13 @@ def _memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _precisions(text: str) -> tuple[str, ...]:
+    try:
+        return est._check_precisions(p.strip() for p in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("model", help="family name (r1-distill-qwen-7b), Hub id, config.json or model directory")
     p.add_argument("--mode", choices=est.MODES, default=None if plan else "full")
@@ -64,6 +72,9 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     if plan:
         p.add_argument("--gpu-memory", type=_memory, required=True, help="memory per GPU: 24GiB, 24GB, 24000MB")
+        p.add_argument("--precisions", type=_precisions, default=est.DEFAULT_PRECISIONS,
+                       help="comma-separated precisions to try (default bf16-mixed,bf16; "
+                            "a GPU without bf16 such as a T4: fp16-mixed,fp32)")
         return
     p.add_argument("--precision", choices=est.PRECISIONS, default="bf16-mixed")
     p.add_argument("--optimizer", choices=est.OPTIMIZERS, default="adamw")
@@ -73,6 +84,8 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("--weights", choices=est.WEIGHT_FORMATS, default=None,
                    help="storage of the frozen base weights (default: the precision's; nf4-dq for qlora)")
     p.add_argument("--attention", choices=est.ATTENTION, default="sdpa")
+    p.add_argument("--parallel", choices=est.PARALLEL, default="data",
+                   help="inference on several GPUs: replicas (data) or one model split over them (tensor)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,7 +113,8 @@ def format_estimate(e: est.Estimate) -> str:
             f"{e.trainable_parameters / 1e9:.3f}B trainable",
             f"{s.mode}, {s.precision}, batch {s.batch} x seq {s.seq}, {s.gpus} GPU(s)"
             + (f", {s.optimizer}, checkpointing {s.checkpointing}, ZeRO {s.zero}" if s.mode != "inference" else "")
-            + (f", LoRA rank {s.lora_rank}" if s.mode in ("lora", "qlora") else ""),
+            + (f", LoRA rank {s.lora_rank}" if s.mode in ("lora", "qlora") else "")
+            + (", split over the GPUs (tensor parallel)" if s.parallel == "tensor" else ""),
             f"{'component':<12} {'GiB/GPU':>9}"]
     rows += [f"{k:<12} {_gib(e.bytes[k])}" for k in COMPONENTS]
     rows.append(f"(peak during {e.peak_phase})")
@@ -110,7 +124,8 @@ def format_estimate(e: est.Estimate) -> str:
 def _estimate(args: argparse.Namespace) -> int:
     setup = est.Setup(mode=args.mode, precision=args.precision, optimizer=args.optimizer, batch=args.batch,
                       seq=args.seq, checkpointing=args.checkpointing, gpus=args.gpus, zero=args.zero,
-                      lora_rank=args.lora_rank, weights=args.weights, attention=args.attention)
+                      lora_rank=args.lora_rank, weights=args.weights, attention=args.attention,
+                      parallel=args.parallel)
     e = est.estimate(args.model, setup)
     print(json.dumps(e.to_dict()) if args.json else format_estimate(e))
     return 0
@@ -118,7 +133,8 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     fields = est.load_config(args.model)
-    options = est.plan(fields, args.gpu_memory, mode=args.mode, batch=args.batch, seq=args.seq, gpus=args.gpus)
+    options = est.plan(fields, args.gpu_memory, mode=args.mode, batch=args.batch, seq=args.seq, gpus=args.gpus,
+                       precisions=args.precisions)
     if args.json:
         print(json.dumps({"model": fields.get("name_or_path"), "gpu_memory": args.gpu_memory,
                           "fits": [o.to_dict() for o in options]}))

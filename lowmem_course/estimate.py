@@ -17,7 +17,9 @@ MODES = ("inference", "full", "lora", "qlora")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd-momentum")
 CHECKPOINTING = ("none", "full")
-WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq")
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq", "nf4-dq+experts")
+EXPERTS_SUFFIX = "+experts"  # the routed MoE experts quantized too (``quantize.quantize_experts``), inference only
+PARALLEL = ("data", "tensor")
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 
@@ -33,6 +35,12 @@ class Setup:
     recomputes every decoder layer in backward. ``zero`` shards optimizer state (1), gradients
     (2) and parameters (3) over ``gpus``. ``device`` picks the attention kernels ("cpu": MLA falls
     back to SDPA's math path); ``attention="eager"`` materialises the s x s scores.
+
+    ``parallel="tensor"`` (inference only) serves one model from ``gpus`` GPUs: attention heads,
+    MLPs, embeddings and lm_head split over them (tensor parallel), routed experts dealt out whole
+    (expert parallel). ``batch`` then counts the sequences the whole group serves (every GPU works on
+    all of them). ``weights="nf4-dq+experts"`` (inference only) stores the fused MoE experts in NF4-dq
+    as well, which bitsandbytes loading alone leaves in 16 bits.
     """
 
     mode: str = "full"
@@ -47,11 +55,12 @@ class Setup:
     weights: str | None = None
     attention: str = "sdpa"
     device: str = "cuda"
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
                               ("checkpointing", CHECKPOINTING), ("attention", ATTENTION),
-                              ("device", DEVICES)):
+                              ("device", DEVICES), ("parallel", PARALLEL)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
@@ -62,6 +71,11 @@ class Setup:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.parallel == "tensor" and (self.mode != "inference" or self.zero):
+            raise ValueError("parallel='tensor' models inference only, without ZeRO")
+        if self.weights and self.weights.endswith(EXPERTS_SUFFIX) and self.mode != "inference":
+            raise ValueError(f"weights={self.weights!r} is for inference only: training would save every "
+                             "layer's dequantized experts for backward")
 
 
 @dataclass(frozen=True)
@@ -251,21 +265,23 @@ class Parameters:
     embedding: int  # embed_tokens (+ lm_head when untied)
     per_layer: tuple[int, ...]
     linear: int  # in nn.Linear layers of the decoder (what 4/8-bit loading quantizes), lm_head excluded
+    experts: int = 0  # in the routed experts' fused 3-D weights (what 4/8-bit loading leaves in 16 bits)
 
 
 def count(s: Shape) -> Parameters:
     """Exact parameter counts (``family.count_parameters`` builds a meta model to get the same)."""
-    per_layer, inactive, linear = [], 0, 0
+    per_layer, inactive, linear, experts = [], 0, 0, 0
     for i in range(s.layers):
         linears = layer_linears(s, is_moe(s, i))
         per_layer.append(sum(x.parameters for x in linears) + _norm_parameters(s))
         linear += sum(x.parameters for x in linears if x.count == 1 and x.name != "router")
+        experts += sum(x.parameters for x in linears if x.count > 1)
         if is_moe(s, i):
             inactive += sum(x.parameters // x.count for x in linears if x.count > 1) * (s.experts - s.top_k)
     embedding = s.vocab * s.hidden * (1 if s.tied else 2)
     total = embedding + sum(per_layer) + s.hidden
     return Parameters(total=total, active=total - inactive, embedding=embedding, per_layer=tuple(per_layer),
-                      linear=linear)
+                      linear=linear, experts=experts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,17 +427,48 @@ def _optimizer_bytes_per_param(setup: Setup, param_bytes: int) -> float:
             "sgd-momentum": param_bytes}[setup.optimizer]
 
 
-def frozen_weight_bytes(s: Shape, n: Parameters, fmt: str) -> int:
-    """Bytes of a frozen model stored as ``fmt``; 8/4-bit formats quantize the decoder's linear maps
-    only: embeddings, lm_head, norms, routed experts (3-D parameters) stay 16-bit, the router fp32."""
-    router = sum(x.parameters for i in range(s.layers) for x in layer_linears(s, is_moe(s, i)) if x.name == "router")
+def _per_gpu(s: Shape, x: Linear, tp: int) -> int:
+    """Elements of linear map ``x`` that each of ``tp`` tensor-parallel GPUs holds.
+
+    Heads and MLP columns/rows split evenly; GQA keeps at least one key/value head per GPU (the
+    heads are replicated when there are fewer than GPUs); MLA's down-projections (q_a, kv_a) and the
+    router are replicated; routed experts are dealt out whole (expert parallel). Biases of row-parallel
+    maps are counted as split (a few elements).
+    """
+    if tp == 1 or x.name in ("router", "q_a_proj", "kv_a_proj_with_mqa"):
+        return x.parameters
+    if x.name in ("k_proj", "v_proj"):
+        width = -(-s.kv_heads // tp) * s.head_dim
+        return x.d_in * width + (width if x.bias else 0)
+    if x.count > 1:
+        return -(-x.count // tp) * (x.parameters // x.count)
+    return -(-x.parameters // tp)
+
+
+def frozen_weight_bytes(s: Shape, n: Parameters, fmt: str, tp: int = 1) -> int:
+    """Bytes of a frozen model stored as ``fmt``, per GPU when split over ``tp`` GPUs (tensor and
+    expert parallel, see ``_per_gpu``; embeddings and lm_head split by vocabulary, norms replicated).
+
+    8/4-bit formats quantize the decoder's linear maps only: embeddings, lm_head, norms and routed
+    experts (3-D parameters) stay 16-bit, the router fp32; ``nf4-dq+experts`` quantizes the
+    routed experts too. int8's per-row fp32 scales are split with the rows (4 bytes per row).
+    """
+    linears = [x for i in range(s.layers) for x in layer_linears(s, is_moe(s, i))]
+    quantizable = [x for x in linears if x.count == 1 and x.name != "router"]
+    linear = sum(_per_gpu(s, x, tp) for x in quantizable)
+    router = sum(x.parameters for x in linears if x.name == "router")
+    experts = sum(_per_gpu(s, x, tp) for x in linears if x.count > 1)
+    norms = n.total - n.linear - n.experts - router - n.embedding
+    rest = experts + -(-n.embedding // tp) + norms  # 16-bit under 8/4-bit formats (tp=1: total - linear - router)
     if fmt == "fp32":
-        return 4 * n.total
+        return 4 * (linear + router + rest)
     if fmt in ("bf16", "fp16"):
-        return 2 * n.total + 2 * router
-    rows = sum(x.d_out for i in range(s.layers) for x in layer_linears(s, is_moe(s, i))
-               if x.count == 1 and x.name != "router") if fmt == "int8" else 0
-    return int(n.linear * WEIGHT_BYTES[fmt]) + 4 * rows + 2 * (n.total - n.linear - router) + 4 * router
+        return 2 * (linear + router + rest) + 2 * router
+    base = fmt.removesuffix(EXPERTS_SUFFIX)
+    quantized_experts = experts if fmt.endswith(EXPERTS_SUFFIX) else 0
+    rows = -(-sum(x.d_out for x in quantizable) // tp) if base == "int8" else 0
+    return (int((linear + quantized_experts) * WEIGHT_BYTES[base]) + 4 * rows
+            + 2 * (rest - quantized_experts) + 4 * router)
 
 
 def _weights_format(setup: Setup) -> str:
@@ -542,7 +589,7 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     final = _norm(s.hidden, t.residual, 1, t) * tokens
     logits = tokens * s.vocab * 4
     gathered = 0
-    if setup.zero >= 3 and gpus > 1:  # one layer's parameters gathered in 16 bits
+    if full and setup.zero >= 3 and gpus > 1:  # one layer's sharded parameters gathered in 16 bits (a LoRA base is not sharded)
         gathered = max(n.per_layer) * 2
     transient = [_backward_transient(s, i, setup, tokens) + gathered for i in range(s.layers)]
     recompute = [saved[i] if setup.checkpointing == "full" else 0 for i in range(s.layers)]
@@ -572,23 +619,33 @@ def _backward_transient(s: Shape, layer: int, setup: Setup, tokens: int) -> int:
     return tokens * (3 * inner * t.compute + 2 * s.hidden * 4)
 
 
-def kv_cache_per_token(s: Shape, element_bytes: int) -> int:
-    """KV-cache bytes per token over all layers, as transformers stores it.
+def kv_cache_per_token(s: Shape, element_bytes: int, tp: int = 1) -> int:
+    """KV-cache bytes per token over all layers, as transformers stores it (per GPU over ``tp``
+    tensor-parallel GPUs).
 
-    GQA: a key and a value of ``head_dim`` per kv head. MLA: transformers caches the compressed
-    latent (``kv_lora_rank``) and the shared rope key (``qk_rope_head_dim``), not expanded heads.
+    GQA: a key and a value of ``head_dim`` per kv head; tensor parallelism splits the kv heads (at
+    least one per GPU). MLA: transformers caches the compressed latent (``kv_lora_rank``) and the
+    shared rope key (``qk_rope_head_dim``), not expanded heads; every head reads the whole latent,
+    so tensor parallelism cannot split it: each GPU holds all of it (as in vLLM and SGLang).
     """
     if s.arch == "deepseek_v3":
         return s.layers * (s.kv_lora_rank + s.qk_rope) * element_bytes
-    return s.layers * 2 * s.kv_heads * s.head_dim * element_bytes
+    return s.layers * 2 * -(-s.kv_heads // tp) * s.head_dim * element_bytes
 
 
 def _inference(name: str, s: Shape, n: Parameters, setup: Setup, tokens: int) -> Estimate:
-    """Prefill of ``seq`` tokens: weights, the full KV cache, and the widest layer's temporaries."""
+    """Prefill of ``seq`` tokens: weights, the full KV cache, and the widest layer's temporaries.
+
+    Under ``parallel="tensor"`` the weights and the KV cache are per GPU (``frozen_weight_bytes``,
+    ``kv_cache_per_token``); the temporaries are not divided (an upper bound: the residual stream is
+    replicated, the MLP's intermediates would split). With the experts in 4 bits, one MoE layer's
+    experts (this GPU's share) are dequantized to 16 bits for its forward (``quantize_experts``).
+    """
     fmt = _weights_format(setup)
     a = 4 if setup.precision == "fp32" else 2
-    weights = frozen_weight_bytes(s, n, fmt) // (setup.gpus if setup.zero >= 3 else 1)
-    kv = kv_cache_per_token(s, a) * tokens
+    tp = setup.gpus if setup.parallel == "tensor" else 1
+    weights = frozen_weight_bytes(s, n, fmt, tp) // (setup.gpus if setup.zero >= 3 else 1)
+    kv = kv_cache_per_token(s, a, tp) * tokens
     inner = max(s.intermediate, s.moe_intermediate * (s.top_k + s.shared))
     # the MLP's gate/act, up and product beside the residual, the norm's output and the rope tables
     temporaries = tokens * (3 * inner * a + 4 * s.hidden * a + 36)
@@ -601,6 +658,8 @@ def _inference(name: str, s: Shape, n: Parameters, setup: Setup, tokens: int) ->
     elif kernel == "eager":  # scores, scaled and masked copies, fp32 softmax and its cast; the mask
         scores = s.heads * setup.seq * (3 * a + 4) + setup.seq * a
         temporaries = max(temporaries, tokens * (scores + 2 * s.hidden * a))
+    if fmt.endswith(EXPERTS_SUFFIX) and s.experts:
+        temporaries += a * sum(_per_gpu(s, x, tp) for x in layer_linears(s, True) if x.count > 1)
     parts = {"weights": weights, "gradients": 0, "optimizer": 0, "activations": temporaries, "kv_cache": kv}
     parts["total"] = sum(parts.values())
     return Estimate(model=name, setup=setup, parameters=n.total, active_parameters=n.active,
@@ -613,7 +672,8 @@ def _inference(name: str, s: Shape, n: Parameters, setup: Setup, tokens: int) ->
 # Compute cost of each technique relative to bf16 full fine-tuning (forward + backward = 6 x params
 # x tokens): rough, published-order-of-magnitude factors used to rank, not to predict time.
 COST = {"full": 1.0, "lora": 0.7, "qlora": 0.85, "inference": 0.33, "checkpointing": 1.33, "fp32": 2.0,
-        "zero": 1.1}
+        "zero": 1.1, "tensor": 1.1}
+DEFAULT_PRECISIONS = ("bf16-mixed", "bf16")  # what ``plan`` tries unless told: GPUs with bf16
 
 
 @dataclass(frozen=True)
@@ -633,7 +693,8 @@ class PlanOption:
         if s.weights:
             flags.append(f"--weights {s.weights}")
         if s.gpus > 1:
-            flags += [f"--gpus {s.gpus}", f"--zero {s.zero}"]
+            flags.append(f"--gpus {s.gpus}")
+            flags.append("--parallel tensor" if s.parallel == "tensor" else f"--zero {s.zero}")
         return f"lowmem estimate {model} " + " ".join(flags)
 
     def to_dict(self) -> dict[str, Any]:
@@ -653,10 +714,13 @@ def recipe(setup: Setup) -> str:
             parts.append(setup.optimizer)
     if setup.gpus > 1 and setup.zero:
         parts.append(f"zero{setup.zero}")
+    if setup.parallel == "tensor":
+        parts.append(f"tp{setup.gpus}")
     return "+".join(parts)
 
 
-def _cost(setup: Setup) -> float:
+def cost(setup: Setup) -> float:
+    """Relative compute cost of ``setup`` (``COST``: bf16 full fine-tuning = 1), for ranking only."""
     cost = COST[setup.mode]
     if setup.mode != "inference" and setup.checkpointing == "full":
         cost *= COST["checkpointing"]
@@ -664,19 +728,40 @@ def _cost(setup: Setup) -> float:
         cost *= COST["fp32"]
     if setup.zero:
         cost *= COST["zero"]
+    if setup.parallel == "tensor":
+        cost *= COST["tensor"]
     return cost
 
 
-def candidates(mode: str | None, batch: int, seq: int, gpus: int) -> list[Setup]:
-    """The setups ``plan`` tries (every mode when ``mode`` is None)."""
+def _check_precisions(precisions: Any) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(precisions))
+    bad = [p for p in chosen if p not in PRECISIONS]
+    if bad or not chosen:
+        raise ValueError(f"precisions must be among {', '.join(PRECISIONS)}, got {', '.join(map(str, bad)) or 'none'}")
+    return chosen
+
+
+def candidates(mode: str | None, batch: int, seq: int, gpus: int, precisions: Any = DEFAULT_PRECISIONS,
+               moe: bool = False) -> list[Setup]:
+    """The setups ``plan`` tries (every mode when ``mode`` is None) in the allowed ``precisions``.
+
+    Full fine-tuning tries each precision; LoRA and QLoRA each but pure bf16 (their adapters train
+    in fp32 anyway); inference serves 16-bit weights in bf16 (from "bf16" or "bf16-mixed"), in fp16
+    (from "fp16-mixed") or fp32, each with the weights as they are, int8 or NF4-dq, and for a MoE
+    model (``moe``) NF4-dq with the experts too. On several GPUs, inference is tried both as
+    replicas and split over the GPUs (``parallel="tensor"``), full fine-tuning with each ZeRO stage.
+    """
+    allowed = _check_precisions(precisions)
     modes = [mode] if mode else ["full", "lora", "qlora", "inference"]
     out = []
     for m in modes:
         if m == "inference":
-            out += [Setup(mode=m, precision=p, weights=w, batch=batch, seq=seq, gpus=gpus)
-                    for p, w in (("bf16", None), ("bf16", "int8"), ("bf16", "nf4-dq"))]
+            served = dict.fromkeys("bf16" if p.startswith("bf16") else p for p in allowed)
+            formats = (None, "int8", "nf4-dq") + (("nf4-dq" + EXPERTS_SUFFIX,) if moe else ())
+            out += [Setup(mode=m, precision=p, weights=w, batch=batch, seq=seq, gpus=gpus, parallel=par)
+                    for p in served for par in (("data", "tensor") if gpus > 1 else ("data",)) for w in formats]
             continue
-        for precision in (("bf16-mixed", "bf16") if m == "full" else ("bf16-mixed",)):
+        for precision in (allowed if m == "full" else [p for p in allowed if p != "bf16"]):
             for optimizer in ("adamw", "adamw8bit"):
                 for ckpt in CHECKPOINTING:
                     for zero in ((0, 1, 2, 3) if gpus > 1 and m == "full" else (0,)):
@@ -686,12 +771,15 @@ def candidates(mode: str | None, batch: int, seq: int, gpus: int) -> list[Setup]
 
 
 def plan(model: str | Path | Any, gpu_memory: int, mode: str | None = None, batch: int = 1, seq: int = 1024,
-         gpus: int = 1) -> list[PlanOption]:
+         gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS) -> list[PlanOption]:
     """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes, cheapest compute first
-    (ties: least memory first)."""
+    (ties: least memory first). ``precisions`` restricts the precisions tried (a T4 has no bf16:
+    ``("fp16-mixed", "fp32")``); ``candidates`` lists what is tried."""
+    fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
+    moe = shape_of(fields).experts > 0
     fits = []
-    for setup in candidates(mode, batch, seq, gpus):
-        e = estimate(model, setup)
+    for setup in candidates(mode, batch, seq, gpus, precisions, moe):
+        e = estimate(fields, setup)
         if e.bytes["total"] <= gpu_memory:
-            fits.append(PlanOption(estimate=e, recipe=recipe(setup), cost=_cost(setup)))
+            fits.append(PlanOption(estimate=e, recipe=recipe(setup), cost=cost(setup)))
     return sorted(fits, key=lambda o: (o.cost, o.estimate.bytes["total"]))

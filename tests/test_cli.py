@@ -161,3 +161,30 @@ def test_validate_exits_1_when_a_total_is_off(capsys, monkeypatch):
     monkeypatch.setattr(validate, "run_grid", lambda device, items: [off])
     code, out, _ = run(capsys, "validate", "--quick")
     assert code == 1 and "OFF" in out and "+6.00%" in out
+
+
+def test_plan_precisions_restricts_the_plan(capsys):
+    code, out, _ = run(capsys, "plan", "r1-distill-qwen-1.5b", "--gpu-memory", "15GiB", "--precisions",
+                       "fp16-mixed,fp32", "--json")
+    fits = json.loads(out)["fits"]
+    assert code == 0 and {f["setup"]["precision"] for f in fits} == {"fp16-mixed", "fp32"}
+    assert "lora+fp16-mixed" in {f["recipe"] for f in fits}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", "r1-distill-qwen-1.5b", "--gpu-memory", "15GiB", "--precisions", "fp16,fp32"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "precisions must be among" in err
+
+
+def test_plan_splits_r1_over_8_gpus_with_4_bit_experts(capsys):
+    code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "80GiB", "--gpus", "8", "--batch", "8", "--seq", "8192",
+                       "--mode", "inference", "--json")
+    fits = json.loads(out)["fits"]
+    assert code == 0 and [f["recipe"] for f in fits] == ["inference+bf16+nf4-dq+experts+tp8"]
+    setup = Setup(**fits[0]["setup"])
+    assert fits[0]["bytes"] == estimate("r1", setup).bytes
+    code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "80GiB", "--gpus", "8", "--batch", "8", "--seq", "8192",
+                       "--mode", "inference")
+    assert "--weights nf4-dq+experts --gpus 8 --parallel tensor" in out  # the estimate line reproduces it
+    code, out, _ = run(capsys, "estimate", "r1", "--mode", "inference", "--precision", "bf16", "--batch", "8",
+                       "--seq", "8192", "--weights", "nf4-dq+experts", "--gpus", "8", "--parallel", "tensor", "--json")
+    assert code == 0 and json.loads(out)["bytes"] == fits[0]["bytes"]

@@ -247,3 +247,86 @@ def test_estimate_matches_simulated_full_size_step(mode, precision, seq):
     assert abs(predicted["total"] - measured["total"]) <= 0.05 * measured["total"], (predicted, measured)
     for key in ("weights", "optimizer", "activations"):
         assert abs(predicted[key] - measured[key]) <= 0.10 * max(measured[key], MiB), (key, predicted, measured)
+
+
+# ---- planning: public cost, precision filter, serving split over GPUs, 4-bit experts -------------
+
+def test_cost_is_public_and_multiplies_the_technique_factors():
+    from lowmem_course.estimate import COST, cost
+
+    assert cost(Setup(mode="full")) == 1.0
+    assert cost(Setup(mode="lora", checkpointing="full", precision="fp32")) == 0.7 * 1.33 * 2.0
+    assert cost(Setup(mode="inference", gpus=8, parallel="tensor")) == COST["inference"] * COST["tensor"]
+
+
+def test_plan_tries_only_the_precisions_it_is_given():
+    t4 = plan(QWEN, 15 * GiB, seq=1024, precisions=("fp16-mixed", "fp32"))
+    assert {o.estimate.setup.precision for o in t4} == {"fp16-mixed", "fp32"}
+    assert any(o.recipe == "lora+fp16-mixed" for o in t4)
+    assert {o.estimate.setup.precision for o in plan(QWEN, 15 * GiB)} == {"bf16-mixed", "bf16"}  # the default
+    with pytest.raises(ValueError, match="precisions must be among"):
+        plan(QWEN, 15 * GiB, precisions=("fp8",))
+
+
+def test_tensor_parallel_splits_the_weights_and_the_gqa_cache():
+    """Llama-8B has 8 kv heads: over 8 GPUs the KV cache splits 8 ways and the weights nearly so
+    (norms stay whole); Qwen-1.5B has 2 kv heads, so over 8 GPUs each GPU keeps one of the two."""
+    one = estimate("r1-distill-llama-8b", Setup(mode="inference", precision="bf16", seq=4096))
+    tp = estimate("r1-distill-llama-8b", Setup(mode="inference", precision="bf16", seq=4096, gpus=8, parallel="tensor"))
+    assert tp.bytes["kv_cache"] * 8 == one.bytes["kv_cache"]
+    assert one.bytes["weights"] / 8 < tp.bytes["weights"] < 1.001 * one.bytes["weights"] / 8
+    assert tp.bytes["activations"] == one.bytes["activations"]  # not divided: an upper bound
+    qwen = [estimate(QWEN, Setup(mode="inference", precision="bf16", seq=4096, gpus=g, parallel="tensor"))
+            for g in (1, 8)]
+    assert qwen[1].bytes["kv_cache"] * 2 == qwen[0].bytes["kv_cache"]
+    assert qwen[0].bytes == estimate(QWEN, Setup(mode="inference", precision="bf16", seq=4096)).bytes
+
+
+def test_tensor_parallel_cannot_split_mla_latents_but_deals_out_the_experts():
+    setup = Setup(mode="inference", precision="bf16", weights="nf4-dq+experts", batch=8, seq=8192)
+    one, tp = estimate("r1", setup), estimate("r1", Setup(**{**setup.__dict__, "gpus": 8, "parallel": "tensor"}))
+    assert tp.bytes["kv_cache"] == one.bytes["kv_cache"] == 35_136 * 2 * 8 * 8192
+    assert one.bytes["weights"] / 8 < tp.bytes["weights"] < 1.05 * one.bytes["weights"] / 8  # q_a, kv_a replicated
+
+
+def test_routed_experts_are_counted_and_quantized_only_on_request():
+    from lowmem_course import quantize
+    from lowmem_course.estimate import WEIGHT_BYTES
+
+    meta = family.build(family.config("r1"), device="meta")
+    fused = sum(p.numel() for m in quantize.fused_expert_modules(meta) for p in m.parameters())
+    n = count(shape_of(load_config("r1")))
+    assert n.experts == fused == 653_908_770_816
+    assert count(shape_of(load_config("r1-distill-qwen-7b"))).experts == 0
+    nf4 = estimate("r1", Setup(mode="inference", precision="bf16", weights="nf4-dq"))
+    four = estimate("r1", Setup(mode="inference", precision="bf16", weights="nf4-dq+experts"))
+    saved = nf4.bytes["weights"] - four.bytes["weights"]
+    assert abs(saved - n.experts * (2 - WEIGHT_BYTES["nf4-dq"])) <= 1
+    one_layer = 2 * n.experts // (61 - 3)  # one MoE layer's experts, dequantized to bf16 for its forward
+    assert four.bytes["activations"] - nf4.bytes["activations"] == one_layer
+
+
+@pytest.mark.parametrize("bad", [dict(mode="lora", weights="nf4-dq+experts"), dict(mode="full", parallel="tensor"),
+                                 dict(mode="inference", parallel="tensor", gpus=8, zero=3), dict(parallel="pipeline")])
+def test_setups_the_estimator_does_not_model_are_refused(bad):
+    with pytest.raises(ValueError):
+        Setup(**bad)
+
+
+def test_4bit_experts_match_measurement_on_the_tiny_r1(tmp_path):
+    """bitsandbytes NF4-dq on the linear maps plus ``quantize.quantize_experts``: a real prefill on CPU."""
+    from lowmem_course import quantize
+
+    cfg = validate.grid_config("r1")
+    family.build(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    model = quantize.load_quantized(tmp_path, "nf4-dq", device="cpu", dtype=torch.bfloat16).eval()
+    assert quantize.quantize_experts(model) == 2 * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
+    ids = steps.random_batch(cfg.vocab_size, 2, 256)
+    with measure.track(model) as m:
+        cache = steps.prefill_step(model, ids)
+        del cache
+    e = estimate(cfg, Setup(mode="inference", precision="bf16", weights="nf4-dq+experts", batch=2, seq=256,
+                            device="cpu"))
+    predicted, measured = validate.predicted_components(e), validate.measured_components(m)
+    assert abs(predicted["total"] / measured["total"] - 1) <= 0.05, (predicted, measured)
+    assert abs(predicted["weights"] / measured["weights"] - 1) <= 0.02, (predicted, measured)

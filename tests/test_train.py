@@ -95,3 +95,12 @@ def test_killed_run_resumes_with_no_lost_steps(data, tmp_path):
     assert (interrupted / "adapter" / "adapter_model.safetensors").is_file()
     report = json.loads((interrupted / "report.json").read_text())
     assert report["memory"]["breakdown"]["parameters"] > 0
+
+
+def test_no_progress_switches_the_progress_bar_off(data, tmp_path, capsys):
+    assert train.main(args(data, tmp_path / "bar", "--steps", "2")) == 0
+    assert "train lora" in capsys.readouterr().err  # tqdm writes its bar to stderr
+    assert train.main(args(data, tmp_path / "quiet", "--steps", "2", "--no-progress")) == 0
+    out, err = capsys.readouterr()
+    assert "train lora" not in err and "peak" in out  # the memory report is still printed
+    assert train.parser().parse_args(args(data, tmp_path, "--no-progress")).no_progress
