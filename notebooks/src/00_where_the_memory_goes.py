@@ -23,6 +23,12 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# Is this machine ready for the whole course? (`lowmem doctor` in a terminal prints the full report.)
+from lowmem_course import doctor
+print(doctor.summary())
+
+# %%
 import matplotlib.pyplot as plt
 import torch
 

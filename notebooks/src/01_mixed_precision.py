@@ -118,7 +118,7 @@ train_batches = [make_batch(sample(16, seed=s, split="train"), tok) for s in ran
 def train_curve(prec: str, n_steps: int) -> tuple[list[float], float]:
     """Losses (nats/token) of ``n_steps`` AdamW steps in ``prec`` from the same seed, and seconds per step."""
     model = family.build(student_cfg, device=device, dtype=precision.parameter_dtype(prec), seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     dtype = precision.compute_dtype(prec)
     scaler = precision.make_scaler(device, dtype)
     losses, start = [], time.perf_counter()
@@ -288,7 +288,7 @@ print("\n".join(deprecations))
 #
 # ## Exercises
 # 1. *(easy)* Measure `precision.train_step` at `SEQ = 512`. Which bars double?
-# 2. *(medium)* Train the pure-bf16 curve with `lr=1e-4` instead of `3e-3`. Compare with bf16-mixed and explain.
+# 2. *(medium)* Train the pure-bf16 curve with `lr=1e-4` instead of `2e-3`. Compare with bf16-mixed and explain.
 # 3. *(hard)* Write a pure-bf16 AdamW step that keeps fp32 moments and rounds the update with
 #    `precision.stochastic_round_to_bf16`. Measure its bytes per parameter.
 #
