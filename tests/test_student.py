@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowmem_course import family
-from lowmem_course.reasoning import addition, make_tokenizer
+from lowmem_course.reasoning import addition, make_tokenizer, sample
 from lowmem_course.student import (
     ARCHS, EVAL_N, EVAL_SEED, TARGET_ACCURACY, TrainConfig, accuracy, learning_rate, load_student,
     make_batch, student_config, student_dir, train,
@@ -61,15 +61,27 @@ def test_unseen_task_is_not_known_yet():
     assert accuracy(model, tok, n=50, seed=0, task="subtraction", progress=False) <= 0.1
 
 
+def _token_accuracy(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Teacher-forced next-token accuracy on the labelled (trace and answer) positions."""
+    with torch.no_grad():
+        predicted = model(input_ids=input_ids).logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    scored = target != -100
+    return ((predicted == target) & scored).sum().item() / scored.sum().item()
+
+
 def test_short_training_run_learns():
-    # 40 small steps (about 20 s here): the loss must fall well below where it starts. The shipped
-    # students' 1000-step runs are checked through their recorded accuracy instead.
+    # 40 small steps (seconds here): too few for exact-match answers, which need the shipped
+    # students' 1000 steps (checked through their recorded accuracy), but the next-token accuracy on
+    # held-out traces must rise far above an untrained model's (chance is 1 in 20 characters).
     cfg = replace(TrainConfig.for_arch("qwen2"), steps=40, batch_size=16, warmup=10, log_every=20)
     model, tok, log = train(cfg, progress=False)
     assert [s for s, _ in log] == [20, 40]
     assert log[0][1] > 1.8 and log[-1][1] < 0.8 * log[0][1]  # nats per target token
+    held_out = make_batch(sample(64, seed=1, split="heldout"), tok)
     untrained = family.build(student_config("qwen2"), seed=0)
-    assert accuracy(untrained, tok, n=50, seed=0, progress=False) == 0.0
+    assert _token_accuracy(untrained, *held_out) < 0.1
+    assert _token_accuracy(model, *held_out) > 0.4
 
 
 def test_make_batch_masks_prompt_and_padding():
