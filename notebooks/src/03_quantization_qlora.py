@@ -29,7 +29,6 @@ import dataclasses, logging, os, warnings
 
 import matplotlib.pyplot as plt
 import torch
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from lowmem_course import estimate, family, measure, plots, quantize, reasoning, student
@@ -41,7 +40,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a 
 warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a transformers 5 deprecated name
 MODEL = os.environ.get("LOWMEM_MODEL", "student-qwen2")  # or a Hub id, e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
 source = family.student_path(MODEL) or MODEL
-tok = AutoTokenizer.from_pretrained(source)
+tok = family.load_tokenizer(source)
 N_EVAL = 50  # held-out problems per accuracy (more is slow on a CPU)
 
 # %% [markdown]
@@ -323,7 +322,7 @@ print(f"with the fix: {sum(lora_grads)} of {len(lora_grads)} LoRA matrices got a
 
 # %%
 moe_source = student.student_dir("deepseek_v3")
-moe_tok = AutoTokenizer.from_pretrained(moe_source)
+moe_tok = family.load_tokenizer(moe_source)
 moe = quantize.load_quantized(moe_source, "nf4-dq", device=device)
 moe_before = quantize.storage_bytes(moe)
 expert_weights = sum(p.numel() for m in quantize.fused_expert_modules(moe) for p in m.parameters())

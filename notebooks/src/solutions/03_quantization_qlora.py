@@ -16,13 +16,13 @@ device = lab.start()
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import dataclasses
 import logging
 import os
 import tempfile
 import warnings
 
 import torch
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from lowmem_course import family, measure, quantize, reasoning, student
@@ -34,7 +34,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=FutureWarning)
 MODEL = os.environ.get("LOWMEM_MODEL", "student-qwen2")
 source = family.student_path(MODEL) or MODEL
-tok = AutoTokenizer.from_pretrained(source)
+tok = family.load_tokenizer(source)  # the students' own tokenizer: AutoTokenizer would drop <think> from the traces
 STEPS, BATCH, LR, N_EVAL = 4, 8, 3e-3, 20  # notebook 03: 30 steps of 16 problems, 50 problems per accuracy
 
 
@@ -210,4 +210,74 @@ assert merge_result["merged into 4-bit base"][0] != unmerged           # a secon
 assert all(abs(loss - unmerged) < 0.2 * unmerged for loss, _ in merge_result.values())  # but not by much
 assert any("rounding" in str(w.message) for w in merge_warnings)
 assert nf4_bytes < 0.5 * bf16_bytes
+
+# %% [markdown]
+# ## Exercise 4
+# *(hard)* Teach subtraction without forgetting addition: write a `batches(step)` that mixes both
+# tasks, train with `quantize.train_adapters`, and measure both accuracies.
+#
+# Scaled down: the shipped adapter (`quantize.teach`: 400 steps of 64 subtraction problems, ~5 min of
+# CPU) is the subtraction-only baseline; here we train 8 steps of 16 problems (same rank, learning
+# rate and clipping, no warmup, no checkpointing), once on subtraction only and once half and half.
+# After 8 steps subtraction accuracy is still 0%, so its held-out **loss** shows the learning.
+
+# %%
+def mixed_batches(cfg: quantize.SkillConfig, addition_share: float):
+    """``batches(step)``: ``cfg.batch_size`` fresh training problems, ``addition_share`` of them additions."""
+    n_add = round(cfg.batch_size * addition_share)
+
+    def batches(step: int):
+        seed = cfg.seed * 1_000_003 + step  # the seeds of quantize.skill_batches
+        problems = (reasoning.sample(cfg.batch_size - n_add, seed=seed, split="train", task=cfg.task)
+                    + reasoning.sample(n_add, seed=seed, split="train", task="addition"))
+        return student.make_batch(problems, tok)
+    return batches
+
+
+def teach_mixed(cfg: quantize.SkillConfig, addition_share: float, progress: bool = False):
+    """``quantize.teach`` with mixed batches: fresh adapters on the 4-bit student; (model, losses)."""
+    model = quantize.add_lora(quantize.load_quantized(source, cfg.fmt, device=device), rank=cfg.rank,
+                              alpha=cfg.alpha, checkpointing=cfg.checkpointing, seed=cfg.seed)
+    losses = quantize.train_adapters(model, quantize.make_optimizer(model, "adamw", lr=cfg.lr),
+                                     mixed_batches(cfg, addition_share), cfg.steps, schedule=cfg.learning_rate,
+                                     grad_clip=cfg.grad_clip, progress=progress)
+    return model, losses
+
+
+SHORT = dataclasses.replace(quantize.SkillConfig(), steps=8, batch_size=16, warmup=0, checkpointing=False)
+shipped_sub, _, shipped_recipe = quantize.load_adapter("subtraction", device=device)
+forgetting = {"4-bit student, no adapter": quantize.load_quantized(source, SHORT.fmt, device=device),
+              f"shipped: {shipped_recipe['skill_config']['steps']} steps, subtraction only": shipped_sub,
+              f"{SHORT.steps} steps, subtraction only": teach_mixed(SHORT, addition_share=0.0)[0],
+              f"{SHORT.steps} steps, half addition": teach_mixed(SHORT, addition_share=0.5)[0]}
+skills = {}
+for label, model in forgetting.items():  # accuracy of the untrained student: notebook 03 (0% and 100%)
+    skills[label] = {task: (mean_loss(model, task), None if "no adapter" in label else
+                            student.accuracy(model, tok, n=N_EVAL, seed=0, task=task, progress=False))
+                     for task in ("subtraction", "addition")}
+print(f"{'':<36}{'subtraction: loss  accuracy':>28}{'addition: loss  accuracy':>27}")
+for label, s in skills.items():
+    (sub_loss, sub_acc), (add_loss, add_acc) = s["subtraction"], s["addition"]
+    sub_acc, add_acc = ("-" if a is None else f"{a:.0%}" for a in (sub_acc, add_acc))
+    print(f"{label:<36}{sub_loss:>19.2f}{sub_acc:>10}{add_loss:>17.3f}{add_acc:>10}")
+print(f"shipped adapter's recipe.json: {shipped_recipe['command']}, subtraction {shipped_recipe['accuracy']:.1%} "
+      f"on {shipped_recipe['eval_n']} held-out problems")
+
+# %% [markdown]
+# - **subtraction only forgets fast**: 8 steps already take addition to 0%; the shipped adapter ends
+#   there too, with subtraction learned
+# - **half addition keeps it**: the addition loss stays near zero and most additions stay right, while
+#   the subtraction loss falls about as fast as with subtraction only, from half the subtraction problems
+# - the full-length mixed run is the shipped recipe with these batches (about 5 min of CPU, not run here):
+#   `model, losses = teach_mixed(quantize.SkillConfig(), addition_share=0.5, progress=True)`, then
+#   `student.accuracy(model, tok, n=500, task=...)` for both tasks
+
+# %%
+base, shipped_skills, only, mixed = skills.values()
+assert base["addition"][0] < 0.01 and base["subtraction"][0] > 10           # where we started
+assert shipped_skills["subtraction"][1] >= 0.9 and shipped_skills["addition"][1] <= 0.1   # learned, forgot
+assert only["addition"][1] <= 0.1 and only["addition"][0] > 1.0             # 8 steps suffice to forget
+assert mixed["addition"][1] >= 0.7 and mixed["addition"][0] < 0.1 * only["addition"][0]  # mixing keeps it
+assert mixed["subtraction"][0] < 0.5 * base["subtraction"][0]                # and subtraction is learning
+assert mixed["subtraction"][0] < 1.5 * only["subtraction"][0]                # nearly as fast as alone
 print("all answers checked")
