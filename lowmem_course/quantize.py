@@ -476,17 +476,9 @@ def save_adapter(model: torch.nn.Module, out: Path, losses: list[float], recipe:
     arch = recipe.get("skill_config", {}).get("arch", SkillConfig.arch)
     config["base_model_name_or_path"] = f"student-{arch}"  # not this machine's path (load_adapter loads the base)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{s + 1},{l:.6f}\n" for s, l in enumerate(losses)))
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    from lowmem_course.student import write_record
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    write_record(out, list(enumerate(losses, start=1)), recipe)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -506,11 +498,11 @@ def main(argv: list[str] | None = None) -> None:
     p_teach = sub.add_parser("teach", help="train an adapter from its seed and save it")
     p_teach.add_argument("--task", choices=sorted(reasoning.TASKS), default=SkillConfig.task)
     p_teach.add_argument("--out", type=Path, help="directory to save to (default: the shipped adapter's)")
-    p_teach.add_argument("--steps", type=_positive_int, default=SkillConfig.steps)
+    p_teach.add_argument("--steps", type=student.positive_int, default=SkillConfig.steps)
     p_teach.add_argument("--seed", type=int, default=SkillConfig.seed)
     p_eval = sub.add_parser("eval", help="exact-match accuracy of a saved adapter on the 4-bit student")
     p_eval.add_argument("adapter", help="a shipped adapter's name (e.g. subtraction) or a directory")
-    p_eval.add_argument("--n", type=_positive_int, default=ADAPTER_EVAL_N, help="number of held-out problems")
+    p_eval.add_argument("--n", type=student.positive_int, default=ADAPTER_EVAL_N, help="number of held-out problems")
     p_eval.add_argument("--seed", type=int, default=ADAPTER_EVAL_SEED, help="seed that draws the held-out problems")
     args = parser.parse_args(argv)
 

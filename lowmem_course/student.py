@@ -186,11 +186,17 @@ def save(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out: Path, log: l
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    write_record(out, log, recipe)
+
+
+def write_record(out: Path, log: list[tuple[int, float]], recipe: dict) -> None:
+    """How a shipped artefact was made: ``loss.csv`` ((step, loss) rows) and ``recipe.json`` in ``out``."""
     (out / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{l:.6f}\n" for s, l in log))
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -204,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     p_train = sub.add_parser("train", help="train a student from its seed and save it")
     p_train.add_argument("--arch", choices=ARCHS, required=True)
     p_train.add_argument("--out", type=Path, help="directory to save to (default: the shipped student's)")
-    p_train.add_argument("--steps", type=_positive_int, help="default: the shipped student's recipe")
+    p_train.add_argument("--steps", type=positive_int, help="default: the shipped student's recipe")
     p_train.add_argument("--seed", type=int, default=TrainConfig.seed)
     p_eval = sub.add_parser("eval", help="exact-match accuracy of the shipped student")
     p_eval.add_argument("--arch", choices=ARCHS, required=True)
-    p_eval.add_argument("--n", type=_positive_int, default=EVAL_N, help="number of held-out problems")
+    p_eval.add_argument("--n", type=positive_int, default=EVAL_N, help="number of held-out problems")
     p_eval.add_argument("--seed", type=int, default=EVAL_SEED, help="seed that draws the held-out problems")
     args = parser.parse_args(argv)
 
