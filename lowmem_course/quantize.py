@@ -414,9 +414,11 @@ def skill_batches(cfg: SkillConfig) -> Callable[[int], tuple[torch.Tensor, torch
 
 
 def teach(cfg: SkillConfig, device: str | torch.device = "cpu", progress: bool = True,
+          batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
           ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Run ``cfg``: the 4-bit student with fresh adapters, trained on ``cfg.task``.
 
+    ``batches(step) -> (input_ids, labels)`` replaces ``skill_batches(cfg)`` (say, to mix tasks).
     Returns the PeftModel (eval mode), the student's tokenizer and the loss of every step (nats per
     target token). Seeded: the same config gives the same adapters on the same machine.
     """
@@ -428,7 +430,7 @@ def teach(cfg: SkillConfig, device: str | torch.device = "cpu", progress: bool =
     model = add_lora(load_quantized(base, cfg.fmt, device=device), rank=cfg.rank, alpha=cfg.alpha,
                      checkpointing=cfg.checkpointing, seed=cfg.seed)
     optimizer = make_optimizer(model, "adamw", lr=cfg.lr)
-    losses = train_adapters(model, optimizer, skill_batches(cfg), cfg.steps, schedule=cfg.learning_rate,
+    losses = train_adapters(model, optimizer, batches or skill_batches(cfg), cfg.steps, schedule=cfg.learning_rate,
                             grad_clip=cfg.grad_clip, progress=progress)
     return model, tok, losses
 

@@ -169,6 +169,23 @@ def accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: int = 200,
     return sum(parse_answer(c) == p.answer for c, p in zip(completions, problems)) / n
 
 
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, n: int = 64, seed: int = 0,
+                 task: str = "addition") -> float:
+    """Teacher-forced loss (nats per target token) on ``n`` held-out ``task`` problems, in eval mode.
+
+    Finer than exact-match accuracy: it moves before a single answer becomes right. The model's
+    train/eval mode is restored afterwards.
+    """
+    input_ids, labels = make_batch(sample(n, seed=seed, split="heldout", task=task), tok)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss.item()
+    model.train(was_training)
+    return loss
+
+
 def load_student(arch: str = "qwen2", **kwargs) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The shipped student of ``arch`` ("qwen2" or "deepseek_v3") and its tokenizer, offline.
 

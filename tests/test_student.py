@@ -14,7 +14,7 @@ import torch
 from lowmem_course import family
 from lowmem_course.reasoning import addition, make_tokenizer, sample
 from lowmem_course.student import (
-    ARCHS, EVAL_N, EVAL_SEED, TARGET_ACCURACY, TrainConfig, accuracy, learning_rate, load_student,
+    ARCHS, EVAL_N, EVAL_SEED, TARGET_ACCURACY, TrainConfig, accuracy, heldout_loss, learning_rate, load_student,
     make_batch, student_config, student_dir, train,
 )
 
@@ -127,3 +127,11 @@ def test_the_shipped_tokenizer_encodes_like_the_training_one(arch: str):
     loaded = family.load_tokenizer(f"student-{arch.replace('_', '-')}")
     assert loaded(trace).input_ids == TOK(trace).input_ids
     assert loaded.convert_tokens_to_ids("<think>") in loaded(trace).input_ids
+
+
+def test_heldout_loss_separates_known_and_unknown_skills_and_keeps_the_mode():
+    model, tok = load_student("qwen2")
+    model.train()
+    known, unknown = heldout_loss(model, tok, n=16), heldout_loss(model, tok, n=16, task="subtraction")
+    assert known < 0.05 < 1.0 < unknown  # nats per target token: it adds, it never saw subtraction
+    assert model.training

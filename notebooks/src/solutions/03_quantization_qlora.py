@@ -44,11 +44,8 @@ def batch_of(task: str, seed: int, size: int = BATCH, split: str = "train"):
 
 
 def mean_loss(model, task: str) -> float:
-    """Teacher-forced loss (nats/token) on 32 held-out ``task`` problems: finer than exact-match accuracy."""
-    input_ids, labels = batch_of(task, seed=0, size=32, split="heldout")
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=input_ids.to(device), labels=labels.to(device)).loss.item()
+    """Held-out loss on 32 ``task`` problems (``student.heldout_loss``): finer than exact-match accuracy."""
+    return student.heldout_loss(model, tok, n=32, task=task)
 
 # %% [markdown]
 # ## Exercise 1
@@ -235,12 +232,8 @@ def mixed_batches(cfg: quantize.SkillConfig, addition_share: float):
 
 
 def teach_mixed(cfg: quantize.SkillConfig, addition_share: float, progress: bool = False):
-    """``quantize.teach`` with mixed batches: fresh adapters on the 4-bit student; (model, losses)."""
-    model = quantize.add_lora(quantize.load_quantized(source, cfg.fmt, device=device), rank=cfg.rank,
-                              alpha=cfg.alpha, checkpointing=cfg.checkpointing, seed=cfg.seed)
-    losses = quantize.train_adapters(model, quantize.make_optimizer(model, "adamw", lr=cfg.lr),
-                                     mixed_batches(cfg, addition_share), cfg.steps, schedule=cfg.learning_rate,
-                                     grad_clip=cfg.grad_clip, progress=progress)
+    """``quantize.teach`` on mixed batches: fresh adapters on the 4-bit student; (model, losses)."""
+    model, _, losses = quantize.teach(cfg, device=device, progress=progress, batches=mixed_batches(cfg, addition_share))
     return model, losses
 
 

@@ -39,13 +39,6 @@ with contextlib.redirect_stderr(io.StringIO()):  # bitsandbytes' note about opti
 N_EVAL = 100
 prompts = [p.prompt for p in reasoning.sample(64, seed=1, split="train")]  # notebook 04's calibration prompts
 
-
-def heldout_loss(model: torch.nn.Module, tok) -> float:
-    """Teacher-forced loss (nats per target token) on 64 held-out problems: finer than exact match."""
-    input_ids, labels = student.make_batch(reasoning.sample(64, seed=0, split="heldout"), tok)
-    with torch.no_grad():
-        return model(input_ids=input_ids, labels=labels).loss.item()
-
 # %% [markdown]
 # ## Exercise 1
 # *(easy)* Rerun section 2 with 2:4 on the DeepseekV3 student's linear layers. Which method wins?
@@ -57,7 +50,7 @@ linears = prune.prunable_linears(moe)
 covered = sum(m.weight.numel() for m in linears.values()) / sum(p.numel() for p in moe.model.layers.parameters())
 r1_count, student_count = count(shape_of(family.config("r1"))), count(shape_of(moe.config))
 r1_covered = r1_count.linear / sum(r1_count.per_layer)
-print(f"dense: accuracy {student.accuracy(moe, moe_tok, n=N_EVAL, progress=False):.2f}, loss {heldout_loss(moe, moe_tok):.3f}")
+print(f"dense: accuracy {student.accuracy(moe, moe_tok, n=N_EVAL, progress=False):.2f}, loss {student.heldout_loss(moe, moe_tok):.3f}")
 print(f"nn.Linear share of the decoder's parameters: {covered:.1%} in the student, {r1_covered:.1%} in R1 (estimator)")
 
 
@@ -78,11 +71,11 @@ for method in ("magnitude", "wanda"):
     model = copy.deepcopy(moe)
     masks = prune.prune_unstructured(model, method, calibration=moe_calib, pattern="2:4")  # section 2's call
     error = sum(prune.relative_output_error(m.weight, masks[n], grams[n]) for n, m in linears.items()) / len(linears)
-    whole[method] = dict(accuracy=student.accuracy(model, moe_tok, n=N_EVAL, progress=False), loss=heldout_loss(model, moe_tok),
+    whole[method] = dict(accuracy=student.accuracy(model, moe_tok, n=N_EVAL, progress=False), loss=student.heldout_loss(model, moe_tok),
                          zeros=prune.zero_fraction(prune.prunable_linears(model).values()), error=error)
     print(f"2:4 {method:<9} accuracy {whole[method]['accuracy']:.2f}  loss {whole[method]['loss']:.3f}  "
           f"zeros {whole[method]['zeros']:.0%}  mean relative output error {error:.4f}")
-block_loss = {(only, method): heldout_loss(pruned_24(method, only), moe_tok)
+block_loss = {(only, method): student.heldout_loss(pruned_24(method, only), moe_tok)
               for only in ("self_attn", "mlp") for method in ("magnitude", "wanda")}
 for (only, method), loss in block_loss.items():
     print(f"2:4 only {only:<9} {method:<9} loss {loss:.3f}")
@@ -217,7 +210,7 @@ for label, model, kept in (("1 per group, grouped", grouped, kept_grouped),
                            ("prune_experts, ungrouped", ungrouped, kept_ungrouped)):
     share = sum(int(counts[n][k].sum()) for n, k in kept.items()) / sum(int(c.sum()) for c in counts.values())
     compare[label] = (prune.parameter_bytes(model), student.accuracy(model, moe_tok, n=N_EVAL, progress=False),
-                      heldout_loss(model, moe_tok), share)
+                      student.heldout_loss(model, moe_tok), share)
     print(f"{label:<25} experts {list(kept.values())}  {format_bytes(compare[label][0])}  accuracy {compare[label][1]:.2f}  "
           f"loss {compare[label][2]:.3f}  calibration choices kept {share:.0%}")
 # with one expert per group, picking the 2 best groups is picking the 2 best experts: the routing is ungrouped
