@@ -8,9 +8,11 @@ weights, for a learner with a GPU and a network. The same cells run in both case
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -68,8 +70,31 @@ def course_model(default: str = "r1-distill-qwen-1.5b") -> CourseModel:
                        is_twin=False)
 
 
+LIBRARY_MODULES = r"(torch|transformers|peft|bitsandbytes|accelerate|huggingface_hub)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' chatter out of the notebooks' outputs, which are stored and compared.
+
+    bitsandbytes' notices about optional kernels (which depend on the CPU), transformers' info lines
+    and "Loading weights" bars, and the libraries' deprecation and user warnings. A lesson that is
+    *about* a warning catches it on purpose with ``warnings.catch_warnings(record=True)``.
+    """
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module=LIBRARY_MODULES)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # raised from the caller's frame
+
+
 def start(seed: int = 0) -> torch.device:
-    """Set up a notebook: seed everything, print library versions and the device; return it."""
+    """Set up a notebook: quiet the libraries, seed everything, print library versions and the
+    device; return it."""
+    quiet_libraries()
     seed_everything(seed)
     versions = library_versions()
     device = get_device()

@@ -9,9 +9,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 
-from lowmem_course import doctor, family, student
+from lowmem_course import doctor, family, lab, student
 from lowmem_course.reasoning import make_tokenizer
 from lowmem_course.units import GiB
 
@@ -63,15 +64,22 @@ def test_python_here_satisfies_the_package():
     assert doctor.check_python().status == "ok"
 
 
-def test_bf16_autocast_works_on_this_cpu():
+def test_bf16_autocast_works_on_this_device():
+    device = lab.get_device().type
+    native = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
     check = doctor.check_bf16()
-    assert (check.status, check.detail) == ("ok", "works on cpu")
+    assert (check.status, check.detail) == ("ok", f"works on {device}" + ("" if native else " (emulated: slow)"))
 
 
 def test_bitsandbytes_round_trip_packs_two_weights_per_byte():
+    import bitsandbytes
+
     check = doctor.check_bitsandbytes()
     assert check.status == "ok", check.detail
-    assert check.detail == "backend CPU, 2048 bytes for 4096 NF4 weights"
+    backend = bitsandbytes.cextension.BNB_BACKEND  # "CPU" without a GPU, "CUDA" on an NVIDIA GPU
+    if not torch.cuda.is_available():
+        assert backend == "CPU"
+    assert check.detail == f"backend {backend}, 2048 bytes for 4096 NF4 weights"
 
 
 def test_student_missing_fails_with_the_training_command(tmp_path, monkeypatch):

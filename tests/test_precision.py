@@ -24,9 +24,10 @@ def test_cuda_bf16_follows_the_hardware():
     assert precision.autocast_dtype("cuda") == (torch.bfloat16 if expected else torch.float16)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU (see the test above)")
 def test_cuda_without_gpu_is_not_bf16():
-    if not torch.cuda.is_available():
-        assert not precision.bf16_supported("cuda")
+    assert not precision.bf16_supported("cuda")
+    assert precision.autocast_dtype("cuda") == torch.float16
 
 
 def test_autocast_context_dtypes():

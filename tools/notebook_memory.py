@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowmem_course.doctor import MIN_FREE_MEMORY as BINDER_MEMORY  # bytes: what a mybinder.org session gets
+from lowmem_course.units import GiB
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-BINDER_MEMORY = 2 * 1024**3  # bytes: what a mybinder.org session gets
-GiB = 1024**3
 
 # Runs inside the subprocess: execute the notebook on a fresh "python3" kernel of that interpreter,
 # then print the peak RSS of its reaped children (the kernel), which Linux reports in KiB.

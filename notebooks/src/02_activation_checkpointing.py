@@ -209,9 +209,9 @@ with measure.track(head, hidden, label="chunked") as chunked_loss:
 loss_grad_error = max((a - b).abs().max().item() for a, b in zip(plain_grads, (hidden.grad, head.grad)))
 logits_bytes = TOKENS * VOCAB * 4
 print(f"one copy of the logits: {format_bytes(logits_bytes)}")
-print(f"plain   loss {plain_value.item():.4f}, peak {format_bytes(plain_loss.peak_bytes)}")
-print(f"chunked loss {chunked_value.item():.4f}, peak {format_bytes(chunked_loss.peak_bytes)} "
-      f"({chunked_loss.peak_bytes / plain_loss.peak_bytes:.1%} of plain); max |grad difference| {loss_grad_error:.1e}")
+print(f"plain   loss ≈{plain_value.item():.4f}, peak {format_bytes(plain_loss.peak_bytes)}")
+print(f"chunked loss ≈{chunked_value.item():.4f}, peak {format_bytes(chunked_loss.peak_bytes)} "
+      f"({chunked_loss.peak_bytes / plain_loss.peak_bytes:.1%} of plain); max |grad difference| ≈{loss_grad_error:.1e}")
 
 # %% [markdown]
 # The same through the whole model: `checkpointing.causal_lm_loss(model, ids, chunk_tokens=...)`
@@ -227,7 +227,7 @@ big_vocab.zero_grad(set_to_none=True)
 our_loss = checkpointing.causal_lm_loss(big_vocab, short, chunk_tokens=64)
 our_loss.backward()
 model_grad_error = max((p.grad - hf_grads[n]).abs().max().item() for n, p in big_vocab.named_parameters())
-print(f"transformers loss {hf_loss.item():.5f}, chunked {our_loss.item():.5f}, max |grad difference| {model_grad_error:.1e}")
+print(f"transformers loss ≈{hf_loss.item():.5f}, chunked ≈{our_loss.item():.5f}, max |grad difference| ≈{model_grad_error:.1e}")
 
 # %% [markdown]
 # ## 6 · At full size
@@ -329,7 +329,7 @@ drop_error = {}
 for preserve in (True, False):
     g = dropout_grads({"use_reentrant": False, "preserve_rng_state": preserve})
     drop_error[preserve] = max((g[n] - drop_ref[n]).abs().max().item() for n in g)
-    print(f"preserve_rng_state={preserve!s:<5}: max |grad - uncheckpointed| = {drop_error[preserve]:.1e}")
+    print(f"preserve_rng_state={preserve!s:<5}: max |grad - uncheckpointed| = ≈{drop_error[preserve]:.1e}")
 
 # %% [markdown]
 # ## Summary

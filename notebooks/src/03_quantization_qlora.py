@@ -23,21 +23,14 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-# NBVAL_IGNORE_OUTPUT
-# (bitsandbytes may print a note about optional CPU kernels here)
-import dataclasses, logging, os, warnings
+import dataclasses, os, warnings
 
 import matplotlib.pyplot as plt
 import torch
-from transformers.utils import logging as hf_logging
 
 from lowmem_course import estimate, family, measure, plots, quantize, reasoning, student
 from lowmem_course.units import GiB, KiB, MiB, format_bytes
 
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a cast of bf16 inputs to fp16 per call
-warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a transformers 5 deprecated name
 MODEL = os.environ.get("LOWMEM_MODEL", "student-qwen2")  # or a Hub id, e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
 source = family.student_path(MODEL) or MODEL
 tok = family.load_tokenizer(source)
@@ -151,7 +144,7 @@ print(f"{live_steps} live QLoRA steps: {time.perf_counter() - started:.0f} s")
 # %%
 print(f"trainable parameters: {quantize.trainable_parameters(qlora):,} "
       f"({quantize.trainable_parameters(qlora) / sum(p.numel() for p in reference.parameters()):.1%} of the student)")
-print(f"live run: loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token over {len(losses)} steps")
+print(f"live run: loss ≈{losses[0]:.2f} -> ≈{losses[-1]:.2f} nats/token over {len(losses)} steps")
 
 # %% [markdown]
 # **The full run (shipped).** The whole recipe (`SKILL.steps` steps) takes minutes on a CPU, too long

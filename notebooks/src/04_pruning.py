@@ -26,11 +26,9 @@ device = lab.start()
 import contextlib
 import copy
 import io
-import warnings
 
 import matplotlib.pyplot as plt
 import torch
-from transformers.utils import logging as hf_logging
 
 from lowmem_course import family, measure, plots, prune, steps
 from lowmem_course.estimate import Setup, count, estimate, shape_of
@@ -38,9 +36,6 @@ from lowmem_course.reasoning import make_tokenizer, sample
 from lowmem_course.student import accuracy, load_student, make_batch
 from lowmem_course.units import format_bytes
 
-hf_logging.disable_progress_bar()  # keep "Loading weights" bars out of the stored outputs
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", category=FutureWarning)
 with contextlib.redirect_stderr(io.StringIO()):  # bitsandbytes' note about optional CPU kernels
     import peft  # noqa: F401  (used by prune.recover_with_lora)
 N_EVAL = 200  # held-out problems per accuracy (one standard error is about 2 points at 90%)

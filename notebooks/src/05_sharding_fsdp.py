@@ -213,7 +213,7 @@ print(f"2-rank checkpoint of step {shard.check_checkpoint(work / 'ckpt', cfg)[1]
 for s in ["qlora", "qlora-uint8"]:
     q = rows[s, 0]
     print(f"{s:<12} rank 0: {q['local_trainable_parameters']:,} trainable (LoRA) parameters in its shard; "
-          + ", ".join(f"{k} {format_bytes(v)}" for k, v in q["state"].items()) + f"; first loss {q['losses'][0]:.5f}")
+          + ", ".join(f"{k} {format_bytes(v)}" for k, v in q["state"].items()) + f"; first loss ≈{q['losses'][0]:.5f}")
 print(f"fp32 zero3 rank 0 for comparison: {format_bytes(sum(rows['zero3', 0]['state'].values()))}")
 
 # %%

@@ -30,7 +30,6 @@ import random
 import matplotlib.pyplot as plt
 import torch
 from transformers import DynamicCache, QuantizedCache
-from transformers.utils import logging
 
 from lowmem_course import family, kvcache, measure, plots
 from lowmem_course.estimate import Setup, estimate
@@ -38,7 +37,6 @@ from lowmem_course.reasoning import parse_answer, sample
 from lowmem_course.student import accuracy, load_student, solve
 from lowmem_course.units import KiB, format_bytes, parse_bytes
 
-logging.disable_progress_bar()  # no "Loading weights" bars in the stored outputs
 N_EVAL = 100  # held-out problems per accuracy (one generate batch)
 TRACE = 32_768  # tokens: R1's generation budget for a reasoning trace
 

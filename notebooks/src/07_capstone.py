@@ -24,25 +24,18 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-# NBVAL_IGNORE_OUTPUT
-# (bitsandbytes prints a note about optional CPU kernels when it is first imported)
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from lowmem_course import capstone, estimate, family, plots, quantize  # noqa: F401 (imports bitsandbytes once)
 from lowmem_course.capstone import Budget
 from lowmem_course.units import GiB, MiB, format_bytes, parse_bytes
 
-warnings.filterwarnings("ignore")  # peft, bitsandbytes and transformers warnings would clutter the outputs
-transformers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
 work = Path(tempfile.mkdtemp(prefix="lowmem-capstone-"))  # every file this notebook writes goes here
 
 # %% [markdown]
@@ -225,8 +218,12 @@ def logged_steps(out: Path) -> list[tuple[int, float]]:
 def checkpoint_step(out: Path) -> int:
     return json.loads((out / "checkpoint" / "state.json").read_text())["step"]
 
+def describe_log(out: Path) -> str:
+    steps, losses = zip(*logged_steps(out))
+    return f"steps logged {list(steps)}; loss ≈{losses[0]:.2f} at step {steps[0]}, ≈{losses[-1]:.2f} at step {steps[-1]}"
+
 print(f"checkpoint at step {checkpoint_step(run_dir)}; files: {sorted(p.name for p in run_dir.iterdir())}")
-print("loss by step:", ", ".join(f"{s}: {loss:.2f}" for s, loss in logged_steps(run_dir)))
+print(describe_log(run_dir))
 
 # %% [markdown]
 # **Resume.** The run stopped at step 4 (an interruption looks the same: the last checkpoint is on
@@ -236,7 +233,7 @@ print("loss by step:", ", ".join(f"{s}: {loss:.2f}" for s, loss in logged_steps(
 # %%
 resumed = lowmem_train(*common, "--steps", "8", "--resume")
 print(f"exit code {resumed.returncode}; checkpoint at step {checkpoint_step(run_dir)}")
-print("loss by step:", ", ".join(f"{s}: {loss:.2f}" for s, loss in logged_steps(run_dir)))
+print(describe_log(run_dir))
 adapter_files = sorted(p.name for p in (run_dir / "adapter").iterdir())
 print("adapters saved with save_pretrained:", adapter_files)
 
@@ -336,7 +333,7 @@ tuned_base, tok = student.load_student("qwen2")
 tuned = PeftModel.from_pretrained(tuned_base, run_dir / "adapter").eval()
 subtraction_accuracy = student.accuracy(tuned, tok, n=20, seed=0, task="subtraction", progress=False)
 losses = [loss for _, loss in logged_steps(run_dir)]
-print(f"loss {losses[0]:.2f} -> {losses[-1]:.2f} over 8 steps; subtraction accuracy {subtraction_accuracy:.0%}")
+print(f"loss ≈{losses[0]:.2f} -> ≈{losses[-1]:.2f} over 8 steps; subtraction accuracy {subtraction_accuracy:.0%}")
 
 # %% [markdown]
 # ## Summary

@@ -22,7 +22,6 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-import warnings
 
 import matplotlib.pyplot as plt
 import torch
@@ -32,7 +31,6 @@ from lowmem_course import family, measure, plots, validate
 from lowmem_course.estimate import Setup, estimate, model_states
 from lowmem_course.units import GiB, MiB
 
-warnings.filterwarnings("ignore")  # peft and transformers warnings would clutter the checked outputs
 
 # %% [markdown]
 # ## 1 · Predict

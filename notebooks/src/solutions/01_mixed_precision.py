@@ -93,8 +93,8 @@ frozen = {}
 for (p, lr), (losses, unchanged) in runs.items():
     norms = [v for n, v in unchanged.items() if "norm" in n]
     frozen[p, lr] = (sum(norms) / len(norms), sum(unchanged.values()) / len(unchanged))
-    print(f"{p:<11} lr {lr:.0e}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; never moved: "
-          f"{frozen[p, lr][0]:.0%} of RMSNorm weights, {frozen[p, lr][1]:.1%} of all weights (mean per tensor)")
+    print(f"{p:<11} lr {lr:.0e}: loss ≈{losses[0]:.3f} -> ≈{losses[-1]:.3f}; never moved: "
+          f"≈{frozen[p, lr][0]:.0%} of RMSNorm weights, ≈{frozen[p, lr][1]:.1%} of all weights (mean per tensor)")
 
 # %% [markdown]
 # - at lr 1e-4 every Adam update is about 1e-4 in size; next to a bf16 weight `w` the spacing is

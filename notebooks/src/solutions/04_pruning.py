@@ -21,19 +21,15 @@ import contextlib
 import copy
 import io
 import types
-import warnings
 
 import matplotlib.pyplot as plt
 import torch
-from transformers.utils import logging as hf_logging
 
 from lowmem_course import family, plots, prune, reasoning, student
 from lowmem_course.estimate import Setup, count, estimate, shape_of
 from lowmem_course.units import format_bytes
 
 torch.set_num_threads(1)  # models of a few MB: a second thread costs more than it saves, and the numbers stay put
-hf_logging.disable_progress_bar()
-warnings.filterwarnings("ignore", category=FutureWarning)
 with contextlib.redirect_stderr(io.StringIO()):  # bitsandbytes' note about optional CPU kernels
     import peft  # noqa: F401  (used by prune.recover_with_lora)
 N_EVAL = 100

@@ -17,7 +17,6 @@ device = lab.start()
 import json
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +26,6 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from lowmem_course import family, shard, shard_train, steps
 from lowmem_course.units import format_bytes
 
-warnings.filterwarnings("ignore")
 NAME = "r1-distill-qwen-1.5b"
 cfg = family.tiny(NAME)
 n_params = family.count_parameters(cfg).total

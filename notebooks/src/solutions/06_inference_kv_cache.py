@@ -16,7 +16,6 @@ device = lab.start()
 # %%
 import torch
 from transformers import Cache, DynamicCache
-from transformers.utils import logging
 
 from lowmem_course import family, kvcache
 from lowmem_course.estimate import Setup, estimate
@@ -24,7 +23,6 @@ from lowmem_course.reasoning import parse_answer, sample
 from lowmem_course.student import load_student, solve
 from lowmem_course.units import format_bytes, parse_bytes
 
-logging.disable_progress_bar()
 N_EVAL = 200  # held-out problems per accuracy: two generate batches
 GROUP, RESIDUAL = 16, 4  # as in notebook 06
 problems = sample(N_EVAL, seed=0)

@@ -14,22 +14,15 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-# NBVAL_IGNORE_OUTPUT
-# (bitsandbytes prints a note about optional CPU kernels when it is first imported)
 import tempfile
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import transformers
 
 from lowmem_course import capstone, estimate, quantize  # noqa: F401 (imports bitsandbytes once)
 from lowmem_course.capstone import Budget
 from lowmem_course.units import GiB, MiB, parse_bytes
 
-warnings.filterwarnings("ignore")
-transformers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
 work = Path(tempfile.mkdtemp(prefix="lowmem-capstone-solutions-"))
 
 # %% [markdown]

@@ -16,13 +16,11 @@ device = lab.start()
 # %%
 import json
 import subprocess
-import warnings
 
 from lowmem_course import family, validate
 from lowmem_course.estimate import Setup, estimate
 from lowmem_course.units import GiB, MiB
 
-warnings.filterwarnings("ignore")
 
 # %% [markdown]
 # ## Exercise 1
