@@ -14,7 +14,6 @@ missing::
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import platform
@@ -28,6 +27,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from lowmem_course.cmdline import Parser
 from lowmem_course.units import GiB, format_bytes
 
 PACKAGE = "lowmem-course"
@@ -255,7 +255,7 @@ def summary(checks: list[Check] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``lowmem doctor [--short]``: print the report; return 1 when a notebook requirement fails."""
-    parser = argparse.ArgumentParser(prog="lowmem doctor", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lowmem doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="print the few-line summary only")
     args = parser.parse_args(argv)
     checks = run_checks()
