@@ -132,6 +132,17 @@ def test_a_rejected_run_leaves_no_out_behind(data, tmp_path, capsys, bad, messag
     assert not (tmp_path / "new").exists()
 
 
+def test_a_model_that_fails_to_load_leaves_no_out_behind(data, tmp_path, capsys):
+    from lowmem_course import family
+
+    model = tmp_path / "model"  # a tokenizer and a config, but no weights
+    make_tokenizer().save_pretrained(model)
+    family.tiny("r1-distill-qwen-1.5b").save_pretrained(model)
+    out = tmp_path / "new" / "run"
+    assert f"{model} has no model.safetensors" in refused(capsys, args(data, out, "--model", str(model)))
+    assert not (tmp_path / "new").exists()
+
+
 def test_out_must_be_a_folder(data, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("keep me")
