@@ -19,9 +19,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from lowmem_course import estimate as est
+from lowmem_course.cmdline import Parser, one_line, positive_int, printable
 from lowmem_course.units import GiB, parse_bytes
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "total")
@@ -29,24 +29,6 @@ FORWARDED_HELP = {  # subcommands with their own parser: `lowmem train --help` s
     "train": "train with a memory recipe (full, lora, qlora, +checkpointing, +bf16), resumable",
     "doctor": "check this machine for the course: versions, device, bf16, memory, students",
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _memory(text: str) -> int:
@@ -66,9 +48,9 @@ def _precisions(text: str) -> tuple[str, ...]:
 def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("model", help="family name (r1-distill-qwen-7b), Hub id, config.json or model directory")
     p.add_argument("--mode", choices=est.MODES, default=None if plan else "full")
-    p.add_argument("--batch", type=_positive, default=1)
-    p.add_argument("--seq", type=_positive, default=1024)
-    p.add_argument("--gpus", type=_positive, default=1)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--seq", type=positive_int, default=1024)
+    p.add_argument("--gpus", type=positive_int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     if plan:
         p.add_argument("--gpu-memory", type=_memory, required=True, help="memory per GPU: 24GiB, 24GB, 24000MB")
@@ -80,7 +62,7 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("--optimizer", choices=est.OPTIMIZERS, default="adamw")
     p.add_argument("--checkpointing", choices=est.CHECKPOINTING, default="none")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0)
-    p.add_argument("--lora-rank", type=_positive, default=16)
+    p.add_argument("--lora-rank", type=positive_int, default=16)
     p.add_argument("--weights", choices=est.WEIGHT_FORMATS, default=None,
                    help="storage of the frozen base weights (default: the precision's; nf4-dq for qlora)")
     p.add_argument("--attention", choices=est.ATTENTION, default="sdpa")
@@ -90,8 +72,8 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The ``lowmem`` argument parser."""
-    root = _Parser(prog="lowmem", description="Will this R1-family setup fit? Estimate, plan, validate.")
-    sub = root.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    root = Parser(prog="lowmem", description="Will this R1-family setup fit? Estimate, plan, validate.")
+    sub = root.add_subparsers(dest="command", required=True, parser_class=Parser)
     _setup_args(sub.add_parser("estimate", help="predict the peak memory per GPU of one setup"), plan=False)
     _setup_args(sub.add_parser("plan", help="the setups that fit a GPU, cheapest compute first"), plan=True)
     v = sub.add_parser("validate", help="measure the estimator's grid on this machine's device")
@@ -109,7 +91,7 @@ def _gib(n: int) -> str:
 def format_estimate(e: est.Estimate) -> str:
     """A readable table of one estimate, in GiB."""
     s = e.setup
-    rows = [f"{e.model}: {e.parameters / 1e9:.2f}B parameters ({e.active_parameters / 1e9:.2f}B active), "
+    rows = [f"{printable(e.model)}: {e.parameters / 1e9:.2f}B parameters ({e.active_parameters / 1e9:.2f}B active), "
             f"{e.trainable_parameters / 1e9:.3f}B trainable",
             f"{s.mode}, {s.precision}, batch {s.batch} x seq {s.seq}, {s.gpus} GPU(s)"
             + (f", {s.optimizer}, checkpointing {s.checkpointing}, ZeRO {s.zero}" if s.mode != "inference" else "")
@@ -149,7 +131,7 @@ def _plan(args: argparse.Namespace) -> int:
     for o in options:
         b = o.estimate.bytes
         print(f"{o.recipe:<44} {o.cost:5.2f} " + " ".join(f"{b[k] / GiB:8.2f}" for k in COMPONENTS))
-        print(f"    {o.command(args.model)}")
+        print(f"    {printable(o.command(args.model))}")
     return 0
 
 
@@ -187,6 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"estimate": _estimate, "plan": _plan, "validate": _validate}[args.command](args)
     except (ValueError, OSError) as err:
-        sys.stderr.write(f"lowmem {args.command}: error: {err}\n")
+        sys.stderr.write(f"lowmem {args.command}: error: {one_line(err)}\n")
         return 2
 

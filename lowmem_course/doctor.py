@@ -2,7 +2,8 @@
 
 It reports Python and library versions (against what the installed package requires), the device
 and whether bf16 autocast works on it, the bitsandbytes backend (and a real 4-bit round trip), free
-memory and disk, and whether the shipped student models load. Every line comes from trying the
+memory and disk, whether the shipped students and adapters are the files the package shipped (their
+sha256 against ``students/MANIFEST.sha256``) and whether the students load. Every line comes from trying the
 thing, not from reading a flag. It exits 1, printing the fix, when something a notebook needs is
 missing::
 
@@ -13,7 +14,6 @@ missing::
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import platform
@@ -27,6 +27,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from lowmem_course.cmdline import Parser
 from lowmem_course.units import GiB, format_bytes
 
 PACKAGE = "lowmem-course"
@@ -181,7 +182,7 @@ def check_student(arch: str) -> Check:
 
     name, path = f"student {arch}", student_dir(arch)
     fix = (f"reinstall the course package from the repository (the students ship in "
-           f"lowmem_course/students/), or train it: python -m lowmem_course.student train --arch {arch}")
+           f"lowmem_course/students/), or train one: python -m lowmem_course.student train --arch {arch} --out DIR")
     if not path.is_dir():
         return Check(name, FAIL, f"not shipped: no {path}", fix)
     try:
@@ -192,6 +193,22 @@ def check_student(arch: str) -> Check:
         return Check(name, FAIL, f"does not load: {type(failure).__name__}: {failure}", fix)
     n = sum(p.numel() for p in model.parameters())
     return Check(name, OK, f"{type(model).__name__}, {n:,} parameters")
+
+
+def check_shipped_files() -> Check:
+    """The shipped students and adapters against the sha256 of ``students/MANIFEST.sha256``."""
+    from lowmem_course import family, integrity
+
+    fix = "reinstall the course package (git checkout lowmem_course/students, then pip install -e .)"
+    try:
+        changed = integrity.shipped_changes()
+    except (OSError, ValueError) as failure:
+        return Check("shipped files", FAIL, str(failure), fix)
+    if changed:
+        return Check("shipped files", FAIL, f"{len(changed)} differ from {integrity.MANIFEST} or are missing: "
+                     + ", ".join(changed), fix)
+    count = len(integrity.read_manifest(family.STUDENTS_DIR / integrity.MANIFEST))
+    return Check("shipped files", OK, f"{count} files match {integrity.MANIFEST}")
 
 
 def check_installed() -> list[Check]:
@@ -208,7 +225,7 @@ def check_installed() -> list[Check]:
 def run_checks() -> list[Check]:
     """Every check, in report order."""
     checks = [*check_installed(), check_device(), check_bf16(), check_bitsandbytes(), check_memory(), check_disk()]
-    return checks + [check_student(arch) for arch in STUDENTS]
+    return checks + [check_shipped_files()] + [check_student(arch) for arch in STUDENTS]
 
 
 def report(checks: list[Check]) -> str:
@@ -238,7 +255,7 @@ def summary(checks: list[Check] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``lowmem doctor [--short]``: print the report; return 1 when a notebook requirement fails."""
-    parser = argparse.ArgumentParser(prog="lowmem doctor", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lowmem doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="print the few-line summary only")
     args = parser.parse_args(argv)
     checks = run_checks()

@@ -8,6 +8,8 @@ The estimator is pure arithmetic on a config: it never builds a model and never 
 from __future__ import annotations
 
 import json
+import reprlib
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +108,13 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
 
     Reads plain JSON (no transformers, no torch: the CLI answers in well under 2 s for files). Raises
     ``ValueError`` with a one-line reason for an unknown name, a missing or malformed file or an
-    architecture outside the course (the CLI prints it and exits 2).
+    architecture outside the course (the CLI prints it and exits 2). The fields themselves are
+    checked by ``shape_of`` (``validate_fields``).
     """
-    path = Path(str(name_or_path)).expanduser()
+    try:
+        path = Path(str(name_or_path)).expanduser()
+    except RuntimeError as err:  # "~nosuchuser/...": no such home folder
+        raise ValueError(f"{name_or_path}: {err}") from None
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
@@ -116,8 +122,10 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
     if path.is_file():
         try:
             fields = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except ValueError as err:  # malformed JSON, not UTF-8, an integer of more than 4300 digits
             raise ValueError(f"{path} is not valid JSON ({err})") from None
+        except RecursionError:
+            raise ValueError(f"{path} is not a config: its JSON is nested too deeply to read") from None
         if not isinstance(fields, dict):
             raise ValueError(f"{path} does not hold a JSON object")
         fields.setdefault("name_or_path", str(path.parent if path.name == "config.json" else path))
@@ -173,23 +181,86 @@ class Shape:
     moe_intermediate: int = 0
 
 
+# Generous upper bounds on a config's sizes, ten times and more beyond any published model (R1: 61
+# layers, hidden 7168, 128 heads, 129,280 tokens, 256 experts): the estimator's per-layer
+# arithmetic stays under about a second for ``plan``, and an absurd config is refused, not computed.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**20  # hidden, MLP, head and LoRA-rank sizes, in elements
+MAX_HEADS = 2**14
+MAX_VOCAB = 2**24
+MAX_EXPERTS = 2**16
+
+# The integer fields ``shape_of`` reads: (smallest, largest, required). Optional ones may be absent or null.
+_COMMON_INTS = {
+    "hidden_size": (1, MAX_WIDTH, True), "num_hidden_layers": (1, MAX_LAYERS, True),
+    "num_attention_heads": (1, MAX_HEADS, True), "num_key_value_heads": (1, MAX_HEADS, False),
+    "head_dim": (1, MAX_WIDTH, False), "intermediate_size": (1, MAX_WIDTH, True), "vocab_size": (1, MAX_VOCAB, True),
+}
+_MLA_MOE_INTS = {
+    "q_lora_rank": (0, MAX_WIDTH, False), "kv_lora_rank": (1, MAX_WIDTH, True),
+    "qk_nope_head_dim": (1, MAX_WIDTH, True), "qk_rope_head_dim": (1, MAX_WIDTH, True),
+    "v_head_dim": (1, MAX_WIDTH, True), "first_k_dense_replace": (0, MAX_LAYERS, False),
+    "n_routed_experts": (1, MAX_EXPERTS, True), "num_experts_per_tok": (1, MAX_EXPERTS, True),
+    "n_shared_experts": (0, MAX_EXPERTS, False), "moe_intermediate_size": (1, MAX_WIDTH, True),
+    "n_group": (1, MAX_EXPERTS, False), "topk_group": (1, MAX_EXPERTS, False),
+}
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def validate_fields(fields: dict[str, Any]) -> None:
+    """Check every config field the estimator reads, before any arithmetic on them.
+
+    Integers must be JSON integers (not strings, floats or booleans) within ``_COMMON_INTS`` /
+    ``_MLA_MOE_INTS``'s bounds; flags must be booleans; the heads must divide into key/value heads
+    (and the hidden size into heads when there is no ``head_dim``); DeepseekV3's top-k cannot exceed
+    its routed experts, nor ``topk_group`` its ``n_group`` (which must divide the experts). Raises
+    ``ValueError`` naming the first bad field, in one line.
+    """
+    kind = fields.get("model_type")
+    _check_architecture(kind, str(fields.get("name_or_path") or "config"))
+    ints = {**_COMMON_INTS, **(_MLA_MOE_INTS if kind == "deepseek_v3" else {})}
+    value = {}
+    for key, (low, high, required) in ints.items():
+        got = fields.get(key)
+        if got is None and not required:
+            continue
+        if not isinstance(got, int) or isinstance(got, bool) or not low <= got <= high:
+            raise ValueError(f"config field {key!r} must be an integer from {low} to {high:,}, got {reprlib.repr(got)}")
+        value[key] = got
+    for key in _BOOLS:
+        if fields.get(key) is not None and not isinstance(fields[key], bool):
+            raise ValueError(f"config field {key!r} must be true or false, got {reprlib.repr(fields[key])}")
+    heads, kv_heads = value["num_attention_heads"], value.get("num_key_value_heads", value["num_attention_heads"])
+    if heads % kv_heads:
+        raise ValueError(f"config field 'num_key_value_heads' ({kv_heads}) must divide 'num_attention_heads' ({heads})")
+    if "head_dim" not in value and value["hidden_size"] % heads:
+        raise ValueError(f"config field 'hidden_size' ({value['hidden_size']}) must be a multiple of "
+                         f"'num_attention_heads' ({heads}) when there is no 'head_dim'")
+    if kind != "deepseek_v3":
+        return
+    experts, top_k = value["n_routed_experts"], value["num_experts_per_tok"]
+    if top_k > experts:
+        raise ValueError(f"config field 'num_experts_per_tok' ({top_k}) exceeds 'n_routed_experts' ({experts})")
+    groups = value.get("n_group")
+    if groups is not None and experts % groups:
+        raise ValueError(f"config field 'n_group' ({groups}) must divide 'n_routed_experts' ({experts})")
+    if groups is not None and value.get("topk_group", 0) > groups:
+        raise ValueError(f"config field 'topk_group' ({value['topk_group']}) exceeds 'n_group' ({groups})")
+
+
 def shape_of(cfg: Any) -> Shape:
-    """The memory-relevant dimensions of a Qwen2, Llama or DeepseekV3 config (object or dict)."""
+    """The memory-relevant dimensions of a Qwen2, Llama or DeepseekV3 config (object or dict).
+
+    ``validate_fields`` checks the fields first: a bad one raises ``ValueError``.
+    """
     f = config_fields(cfg)
-    kind = f.get("model_type")
-    _check_architecture(kind, str(f.get("name_or_path") or "config"))
-
-    def need(key: str) -> Any:
-        value = f.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"config field {key!r} must be a positive integer, got {value!r}")
-        return value
-
-    heads = need("num_attention_heads")
-    common = dict(arch=kind, hidden=need("hidden_size"), layers=need("num_hidden_layers"), heads=heads,
+    validate_fields(f)
+    kind = f["model_type"]
+    heads = f["num_attention_heads"]
+    common = dict(arch=kind, hidden=f["hidden_size"], layers=f["num_hidden_layers"], heads=heads,
                   kv_heads=f.get("num_key_value_heads") or heads,
-                  head_dim=f.get("head_dim") or need("hidden_size") // heads,
-                  intermediate=need("intermediate_size"), vocab=need("vocab_size"),
+                  head_dim=f.get("head_dim") or f["hidden_size"] // heads,
+                  intermediate=f["intermediate_size"], vocab=f["vocab_size"],
                   tied=bool(f.get("tie_word_embeddings", False)))
     bias = bool(f.get("attention_bias", False))
     if kind == "qwen2":
@@ -197,11 +268,11 @@ def shape_of(cfg: Any) -> Shape:
     if kind == "llama":
         return Shape(**common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(f.get("mlp_bias", False)))
     return Shape(**common, qkv_bias=bias, o_bias=bias, mlp_bias=False, q_lora_rank=f.get("q_lora_rank") or 0,
-                 kv_lora_rank=need("kv_lora_rank"), qk_nope=need("qk_nope_head_dim"),
-                 qk_rope=need("qk_rope_head_dim"), v_head_dim=need("v_head_dim"),
+                 kv_lora_rank=f["kv_lora_rank"], qk_nope=f["qk_nope_head_dim"],
+                 qk_rope=f["qk_rope_head_dim"], v_head_dim=f["v_head_dim"],
                  dense_layers=min(f.get("first_k_dense_replace") or 0, common["layers"]),
-                 experts=need("n_routed_experts"), top_k=need("num_experts_per_tok"),
-                 shared=f.get("n_shared_experts") or 0, moe_intermediate=need("moe_intermediate_size"))
+                 experts=f["n_routed_experts"], top_k=f["num_experts_per_tok"],
+                 shared=f.get("n_shared_experts") or 0, moe_intermediate=f["moe_intermediate_size"])
 
 
 @dataclass(frozen=True)
@@ -695,7 +766,7 @@ class PlanOption:
         if s.gpus > 1:
             flags.append(f"--gpus {s.gpus}")
             flags.append("--parallel tensor" if s.parallel == "tensor" else f"--zero {s.zero}")
-        return f"lowmem estimate {model} " + " ".join(flags)
+        return f"lowmem estimate {shlex.quote(str(model))} " + " ".join(flags)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: recipe, cost, command-line flags and the estimate."""

@@ -212,6 +212,17 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 STUDENTS_DIR = Path(__file__).parent / "students"  # the trained students shipped with the package
 
 
+def refuse_shipped(path: Path) -> None:
+    """``ValueError`` when ``path`` lies inside the shipped students and adapters (``STUDENTS_DIR``).
+
+    No command writes there: retraining a student or an adapter writes to its own ``--out``, and
+    ``lowmem doctor`` checks the shipped files against their manifest.
+    """
+    if Path(path).resolve().is_relative_to(STUDENTS_DIR.resolve()):
+        raise ValueError(f"{path} is inside the shipped students ({STUDENTS_DIR}), which no command writes: "
+                         "choose an --out outside the package")
+
+
 def student_path(name: str) -> Path | None:
     """The directory of a shipped student ("student-qwen2", "student-deepseek-v3"), else None."""
     key = name.strip().lower()

@@ -15,7 +15,7 @@ loading leaves in 16 bits (``quantize_experts``), and the small optimizer states
 QLoRA teaches the 4-bit student a skill it never saw (``SkillConfig``, ``teach``); the result ships
 as an adapter under ``students/adapters/<task>/`` with the recipe and accuracy it reached::
 
-    python -m lowmem_course.quantize teach              # retrain the shipped subtraction adapter (~5 min CPU)
+    python -m lowmem_course.quantize teach --out runs/subtraction   # retrain the shipped adapter (~5 min CPU)
     python -m lowmem_course.quantize eval subtraction   # its accuracy on 500 held-out problems
 """
 
@@ -440,18 +440,11 @@ def adapter_dir(name: str) -> Path:
     return ADAPTERS_DIR / name
 
 
-def load_adapter(name_or_path: str | Path, device: str | torch.device = "cpu",
-                 ) -> tuple[torch.nn.Module, Any, dict]:
-    """The 4-bit student with a saved adapter on top, the reasoning tokenizer and the adapter's recipe.
-
-    ``name_or_path`` is a shipped adapter's name ("subtraction") or a directory written by
-    ``save_adapter``. The base is loaded in the recipe's format, CPU repacking switched off.
-    """
+def adapter_recipe(name_or_path: str | Path) -> tuple[Path, dict]:
+    """The folder and recipe of a saved adapter: a shipped adapter's name ("subtraction") or a
+    directory written by ``save_adapter``. ``FileNotFoundError`` without ``recipe.json``, ``ValueError``
+    (one line) when it is not a recipe with a ``skill_config``."""
     import json
-
-    from peft import PeftModel
-
-    from lowmem_course import reasoning, student
 
     path = Path(name_or_path)
     if not path.is_dir():
@@ -459,7 +452,28 @@ def load_adapter(name_or_path: str | Path, device: str | torch.device = "cpu",
     if not (path / "recipe.json").is_file():
         raise FileNotFoundError(f"no adapter at {name_or_path!r}: expected a folder with recipe.json "
                                 f"(shipped: {', '.join(sorted(p.name for p in ADAPTERS_DIR.glob('*'))) or 'none'})")
-    recipe = json.loads((path / "recipe.json").read_text())
+    try:
+        recipe = json.loads((path / "recipe.json").read_text())
+        SkillConfig(**recipe["skill_config"])
+    except (ValueError, RecursionError, TypeError, KeyError) as err:  # not JSON, not an object, unknown fields
+        raise ValueError(f"{path / 'recipe.json'} is not an adapter recipe with a skill_config "
+                         f"({type(err).__name__}: {err})") from None
+    return path, recipe
+
+
+def load_adapter(name_or_path: str | Path, device: str | torch.device = "cpu",
+                 ) -> tuple[torch.nn.Module, Any, dict]:
+    """The 4-bit student with a saved adapter on top, the reasoning tokenizer and the adapter's recipe.
+
+    ``name_or_path`` is a shipped adapter's name ("subtraction") or a directory written by
+    ``save_adapter`` (``adapter_recipe``). The base is loaded in the recipe's format, CPU repacking
+    switched off.
+    """
+    from peft import PeftModel
+
+    from lowmem_course import reasoning, student
+
+    path, recipe = adapter_recipe(name_or_path)
     cfg = SkillConfig(**recipe["skill_config"])
     base = student.student_dir(cfg.arch)
     model = PeftModel.from_pretrained(load_quantized(base, cfg.fmt, device=device), path).eval()
@@ -474,50 +488,58 @@ def save_adapter(model: torch.nn.Module, out: Path, losses: list[float], recipe:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
-    config = json.loads((out / "adapter_config.json").read_text())
-    arch = recipe.get("skill_config", {}).get("arch", SkillConfig.arch)
-    config["base_model_name_or_path"] = f"student-{arch}"  # not this machine's path (load_adapter loads the base)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    name_base(out, f"student-{recipe.get('skill_config', {}).get('arch', SkillConfig.arch)}")
     from lowmem_course.student import write_record
 
     write_record(out, list(enumerate(losses, start=1)), recipe)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``teach`` a skill with QLoRA and ship the adapter, or ``eval`` a shipped adapter."""
-    import argparse
+def name_base(adapter: Path, base: str) -> None:
+    """Record ``base`` (a name such as ``student-qwen2``) as the base model in a saved adapter's
+    ``adapter_config.json``, instead of the path PEFT wrote (this machine's, maybe a temporary folder)."""
     import json
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``teach`` a skill with QLoRA into ``--out``, or ``eval`` a saved adapter; bad input: one line, exit 2."""
     import shlex
     import sys
     import time
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from lowmem_course import reasoning, student
+    from lowmem_course.cmdline import Parser, check_out_folder, positive_int
 
-    parser = argparse.ArgumentParser(prog="python -m lowmem_course.quantize",
-                                     description="QLoRA adapters that teach the 4-bit student a new skill")
+    parser = Parser(prog="python -m lowmem_course.quantize",
+                    description="QLoRA adapters that teach the 4-bit student a new skill")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_teach = sub.add_parser("teach", help="train an adapter from its seed and save it")
+    p_teach = sub.add_parser("teach", help="train an adapter from its seed and save it to --out")
     p_teach.add_argument("--task", choices=sorted(reasoning.TASKS), default=SkillConfig.task)
-    p_teach.add_argument("--out", type=Path, help="directory to save to (default: the shipped adapter's)")
-    p_teach.add_argument("--steps", type=student.positive_int, default=SkillConfig.steps)
+    p_teach.add_argument("--out", type=Path, required=True,
+                         help="directory to save to (outside the package: the shipped adapter is never overwritten)")
+    p_teach.add_argument("--steps", type=positive_int, default=SkillConfig.steps)
     p_teach.add_argument("--seed", type=int, default=SkillConfig.seed)
     p_eval = sub.add_parser("eval", help="exact-match accuracy of a saved adapter on the 4-bit student")
     p_eval.add_argument("adapter", help="a shipped adapter's name (e.g. subtraction) or a directory")
-    p_eval.add_argument("--n", type=student.positive_int, default=ADAPTER_EVAL_N, help="number of held-out problems")
+    p_eval.add_argument("--n", type=positive_int, default=ADAPTER_EVAL_N, help="number of held-out problems")
     p_eval.add_argument("--seed", type=int, default=ADAPTER_EVAL_SEED, help="seed that draws the held-out problems")
     args = parser.parse_args(argv)
-
-    if args.command == "eval":
-        try:
-            model, tok, recipe = load_adapter(args.adapter)
-        except FileNotFoundError as err:
-            parser.exit(2, f"error: {err}\n")
-        task = recipe["skill_config"]["task"]
-        print(f"{task} accuracy: {student.accuracy(model, tok, n=args.n, seed=args.seed, task=task):.3f}")
-        return
+    try:
+        if args.command == "eval":
+            path, recipe = adapter_recipe(args.adapter)
+            task = recipe["skill_config"]["task"]
+            reasoning.check_available(args.n, "heldout", task)
+            model, tok, _ = load_adapter(path)
+            print(f"{task} accuracy: {student.accuracy(model, tok, n=args.n, seed=args.seed, task=task):.3f}")
+            return 0
+        check_out_folder(args.out)
+    except (FileNotFoundError, ValueError) as err:
+        parser.fail(err)
     cfg = SkillConfig(task=args.task, steps=args.steps, seed=args.seed)
-    out = args.out or adapter_dir(cfg.task)
     fix_cpu_dequantize()
     before_model = load_quantized(student.student_dir(cfg.arch), cfg.fmt)
     start = time.perf_counter()
@@ -527,14 +549,17 @@ def main(argv: list[str] | None = None) -> None:
     acc = student.accuracy(model, tok, n=ADAPTER_EVAL_N, seed=ADAPTER_EVAL_SEED, task=cfg.task)
     args_text = shlex.join(argv if argv is not None else sys.argv[1:])
     command = f"OMP_NUM_THREADS={torch.get_num_threads()} python -m lowmem_course.quantize {args_text}"
-    save_adapter(model, out, losses, dict(
+    save_adapter(model, args.out, losses, dict(
         command=command, skill_config=asdict(cfg), trainable_parameters=trainable_parameters(model),
         wall_seconds=round(wall, 1), final_loss=round(sum(losses[-10:]) / len(losses[-10:]), 6),
         accuracy_before=before, accuracy=acc, eval_n=ADAPTER_EVAL_N, eval_seed=ADAPTER_EVAL_SEED,
         eval_split="heldout", threads=torch.get_num_threads(), torch=torch.__version__))
-    print(f"saved to {out} ({wall:.0f} s)")
+    print(f"saved to {args.out} ({wall:.0f} s)")
     print(f"{cfg.task} accuracy: {before:.3f} -> {acc:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

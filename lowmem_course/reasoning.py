@@ -99,16 +99,37 @@ TASKS: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
+# How many distinct problems each split holds (counted over every operand pair by
+# tests/test_reasoning_limits.py): ``sample`` refuses to draw more, instead of searching forever.
+SPLIT_SIZES: dict[tuple[str, Split], int] = {
+    ("addition", "train"): 729_263, ("addition", "heldout"): 80_737,  # of 900 x 900 ordered pairs
+    ("subtraction", "train"): 364_871, ("subtraction", "heldout"): 40_579,  # of 900 x 901 / 2 pairs a >= b
+}
+
+
 def split_of(prompt: str) -> Split:
     """The split a problem belongs to, from a hash of its prompt (stable across runs and machines)."""
     bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 100
     return "heldout" if bucket < HELDOUT_PERCENT else "train"
 
 
-def sample(n: int, seed: int, split: Split = "heldout", task: str = "addition") -> list[Problem]:
-    """``n`` distinct problems of ``task`` from ``split``, the same ones for the same seed."""
+def check_available(n: int, split: Split, task: str) -> None:
+    """``ValueError`` (one line) unless ``split`` holds ``n`` distinct problems of ``task`` (``SPLIT_SIZES``)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: known tasks are {', '.join(TASKS)}")
+    if (task, split) not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r}: the splits are train and heldout")
+    if n > SPLIT_SIZES[task, split]:
+        raise ValueError(f"the {split} split holds {SPLIT_SIZES[task, split]:,} {task} problems, "
+                         f"fewer than the {n:,} asked for")
+
+
+def sample(n: int, seed: int, split: Split = "heldout", task: str = "addition") -> list[Problem]:
+    """``n`` distinct problems of ``task`` from ``split``, the same ones for the same seed.
+
+    ``ValueError`` when the split holds fewer than ``n`` problems (``check_available``).
+    """
+    check_available(n, split, task)
     rng, seen, problems = random.Random(seed), set(), []
     while len(problems) < n:
         problem = TASKS[task](rng)

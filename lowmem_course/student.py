@@ -9,15 +9,15 @@ up as lost exact-match accuracy::
     model, tok = load_student("qwen2")
     accuracy(model, tok, n=200, seed=0)   # -> 1.0 for the shipped students; a broken model gets ~0
 
-Reproduce or check a student from the command line::
+Reproduce or check a student from the command line (training writes to its own ``--out``, never
+over the shipped student)::
 
-    python -m lowmem_course.student train --arch qwen2
+    python -m lowmem_course.student train --arch qwen2 --out runs/student-qwen2
     python -m lowmem_course.student eval --arch qwen2 --n 500 --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from lowmem_course import family
-from lowmem_course.reasoning import MODEL_VOCAB_SIZE, Problem, make_tokenizer, parse_answer, sample
+from lowmem_course.cmdline import Parser, check_out_folder, positive_int
+from lowmem_course.reasoning import MODEL_VOCAB_SIZE, Problem, check_available, make_tokenizer, parse_answer, sample
 
 ARCHS = {"qwen2": "r1-distill-qwen-1.5b", "deepseek_v3": "r1"}  # student arch -> family member
 EVAL_N, EVAL_SEED = 500, 0  # the held-out set each recipe.json records
@@ -212,21 +213,14 @@ def write_record(out: Path, log: list[tuple[int, float]], recipe: dict) -> None:
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a positive integer."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``train`` a student (and ship it to ``--out``) or ``eval`` the shipped one."""
-    parser = argparse.ArgumentParser(prog="python -m lowmem_course.student", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """``train`` a student into ``--out`` or ``eval`` the shipped one; bad input: one line, exit 2."""
+    parser = Parser(prog="python -m lowmem_course.student", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a student from its seed and save it")
+    p_train = sub.add_parser("train", help="train a student from its seed and save it to --out")
     p_train.add_argument("--arch", choices=ARCHS, required=True)
-    p_train.add_argument("--out", type=Path, help="directory to save to (default: the shipped student's)")
+    p_train.add_argument("--out", type=Path, required=True,
+                         help="directory to save to (outside the package: the shipped student is never overwritten)")
     p_train.add_argument("--steps", type=positive_int, help="default: the shipped student's recipe")
     p_train.add_argument("--seed", type=int, default=TrainConfig.seed)
     p_eval = sub.add_parser("eval", help="exact-match accuracy of the shipped student")
@@ -234,28 +228,32 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--n", type=positive_int, default=EVAL_N, help="number of held-out problems")
     p_eval.add_argument("--seed", type=int, default=EVAL_SEED, help="seed that draws the held-out problems")
     args = parser.parse_args(argv)
-
-    if args.command == "eval":
-        model, tok = load_student(args.arch)
-        print(f"accuracy: {accuracy(model, tok, n=args.n, seed=args.seed):.3f}")
-        return
+    try:
+        if args.command == "eval":
+            check_available(args.n, "heldout", "addition")
+            model, tok = load_student(args.arch)
+            print(f"accuracy: {accuracy(model, tok, n=args.n, seed=args.seed):.3f}")
+            return 0
+        check_out_folder(args.out)
+    except ValueError as err:
+        parser.fail(err)
     cfg = TrainConfig.for_arch(args.arch, seed=args.seed)
     cfg = replace(cfg, steps=args.steps) if args.steps else cfg
-    out = args.out or student_dir(args.arch)
     start = time.perf_counter()
     model, tok, log = train(cfg)
     wall = time.perf_counter() - start
     acc = accuracy(model, tok, n=EVAL_N, seed=EVAL_SEED)
     args_text = shlex.join(argv if argv is not None else sys.argv[1:])
     command = f"OMP_NUM_THREADS={torch.get_num_threads()} python -m lowmem_course.student {args_text}"
-    save(model, tok, out, log, dict(
+    save(model, tok, args.out, log, dict(
         command=command, train_config=asdict(cfg), seed=cfg.seed, steps=cfg.steps,
         wall_seconds=round(wall, 1), final_loss=round(log[-1][1], 6), accuracy=acc,
         eval_n=EVAL_N, eval_seed=EVAL_SEED, eval_split="heldout", task="addition",
         threads=torch.get_num_threads(), torch=torch.__version__))
-    print(f"saved to {out} ({wall:.0f} s)")
+    print(f"saved to {args.out} ({wall:.0f} s)")
     print(f"accuracy: {acc:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowmem_course import cli, family
+from lowmem_course.cmdline import positive_int
 from lowmem_course.estimate import Setup, estimate
 from lowmem_course.units import GiB, parse_bytes
 
@@ -137,10 +138,10 @@ def test_positive_int_parser(text):
     except ValueError:
         value = None
     if value is not None and value > 0:
-        assert cli._positive(text) == value
+        assert positive_int(text) == value
     else:
         with pytest.raises(Exception, match="positive integer"):
-            cli._positive(text)
+            positive_int(text)
 
 
 def test_validate_prints_the_grid_and_exits_0_when_within_5_percent(capsys, monkeypatch):

@@ -86,7 +86,7 @@ def test_student_missing_fails_with_the_training_command(tmp_path, monkeypatch):
     monkeypatch.setattr(family, "STUDENTS_DIR", tmp_path)
     check = doctor.check_student("deepseek_v3")
     assert (check.name, check.status, check.detail) == ("student deepseek_v3", "FAIL", f"not shipped: no {tmp_path / 'deepseek_v3'}")
-    assert check.fix.endswith("python -m lowmem_course.student train --arch deepseek_v3")
+    assert check.fix.endswith("python -m lowmem_course.student train --arch deepseek_v3 --out DIR")
 
 
 def test_student_without_weights_fails_naming_the_missing_file(tmp_path, monkeypatch):
