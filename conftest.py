@@ -5,6 +5,10 @@
   ``ATEN_CPU_CAPABILITY=default``, PyTorch's portable scalar kernels, so an output whose digits
   depend on the CPU fails here and never lands. Set ``ATEN_CPU_CAPABILITY`` yourself (``avx2``,
   ``avx512``) to run them on another kernel set; the package's tests keep the native kernels.
+- **Two or more processes**: pytest-xdist runs the files on up to 4 workers (``-n auto`` in
+  pyproject.toml), each file on one worker (``--dist loadfile``: a notebook's cells share a kernel).
+  Each worker, and every kernel or subprocess it starts, computes on one thread
+  (``OMP_NUM_THREADS=1``): workers that each spun up a thread per core would fight over the cores.
 - **Markers**: ``slow`` (over about 10 s), ``browser`` (headless Chromium), ``binder`` (a fresh
   virtual environment), ``gpu`` (a CUDA GPU). Every notebook cell is ``slow``, so
   ``pytest -m "not slow"`` is the quick subset a developer runs between edits.
@@ -22,6 +26,14 @@ import pytest
 from lowmem_course.doctor import MIN_FREE_MEMORY
 
 NOTEBOOK_CPU_CAPABILITY = "default"  # what the notebooks' kernels run on unless ATEN_CPU_CAPABILITY is set
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def _is_notebook_cell(item: pytest.Item) -> bool:

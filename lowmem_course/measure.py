@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from transformers import PretrainedConfig
 
 from lowmem_course import family, steps
@@ -62,11 +63,19 @@ class Measurement:
 
 
 class _Tracker(MemTracker):
-    """PyTorch's MemTracker, made to work on partly frozen models (LoRA, QLoRA).
+    """PyTorch's MemTracker, made to work on partly frozen models (LoRA, QLoRA), and fast.
 
     PyTorch's version registers a gradient hook on every parameter it meets, which raises on a
-    parameter that does not require gradients; this one hooks only the trainable ones.
+    parameter that does not require gradients; this one hooks only the trainable ones. It also keeps
+    only the device-wide peak (what ``track`` reports): PyTorch's updates every module's own peak
+    after every operator, which made a full-size step under ``simulate`` about 4x slower.
     """
+
+    def _update_peak_stats(self, peak_state: object) -> None:
+        for dev, dev_snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
+                self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
     def _track_module_params_and_buffers(self, module: torch.nn.Module,
                                          install_grad_hooks: bool = True) -> tuple[int, int]:

@@ -75,7 +75,8 @@ def _failure(stderr: str, returncode: int) -> RankFailed:
     rank, code = int(match.group(1)), int(match.group(2))
     how = f" ({signal.Signals(-code).name})" if -code in {s.value for s in signal.Signals} else ""
     errors = (re.findall(rf"^\[rank{rank}\]: (\w+(?:Error|Exception): .+)$", stderr, re.MULTILINE)
-              or re.findall(r"^(\w+(?:Error|Exception): .+|[\w.]+: error: .+)$", stderr, re.MULTILINE))
+              or re.findall(r"^(\w+(?:Error|Exception): .+|[\w.]+: error: .+)$", stderr, re.MULTILINE)
+              or re.findall(r"^(?:\[rank\d+\]: )?\s*(terminate called .+|what\(\): .+)$", stderr, re.MULTILINE))
     why = f": {errors[-1]}" if errors else ""
     return RankFailed(rank, code, f"rank {rank} died with exit code {code}{how}{why} (torchrun exited {returncode})")
 

@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.train_steps and (args.ckpt_dir or args.final):
             train(cfg, args, device, ckpt_dir=Path(args.ckpt_dir) if args.ckpt_dir else None, final=args.final,
                   resume=args.resume, kill=True)
+        # Every rank waits here before the group is torn down: a rank that tore down gloo while rank 0
+        # was still writing the final weights sometimes aborted ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

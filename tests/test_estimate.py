@@ -239,7 +239,7 @@ def _simulated_lora(cfg, seq: int) -> measure.Measurement:
                                                 ("lora", "bf16-mixed", 1024), ("lora", "bf16-mixed", 4096)])
 def test_estimate_matches_simulated_full_size_step(mode, precision, seq):
     cfg = family.config(QWEN)
-    if mode == "lora":  # peft on fake tensors is slow (90 s for 28 layers): 4 real-size layers, same widths and vocab
+    if mode == "lora":  # wrapping 28 fake layers in peft takes 12 s: 4 real-size layers, same widths and vocab
         cfg.num_hidden_layers = 4
     if mode == "full":
         autocast = torch.bfloat16 if precision == "bf16-mixed" else None

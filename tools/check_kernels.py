@@ -2,8 +2,8 @@
 
 nbval compares each cell's output with the stored one. This runs that comparison under PyTorch's
 portable scalar kernels (``ATEN_CPU_CAPABILITY=default``) and AVX2 kernels, each with 1 and 2
-threads, and with this machine's native kernels, one pytest process per setting (each takes
-minutes). An output that differs anywhere must be printed behind ``≈`` or excluded, and its claim
+threads, and with this machine's native kernels: one pytest process per setting, without
+pytest-xdist's workers (they compute on one thread); each setting takes minutes. An output that differs anywhere must be printed behind ``≈`` or excluded, and its claim
 asserted with a tolerance (CONTRIBUTING.md).
 
     python tools/check_kernels.py                  # every notebook and solution
@@ -45,7 +45,7 @@ def failed_cells(paths: list[str], capability: str, threads: int, log: Path) -> 
         env["ATEN_CPU_CAPABILITY"] = subprocess.run(
             [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"],
             capture_output=True, text=True, check=True).stdout.strip()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *paths], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", *paths], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     log.write_text(done.stdout + done.stderr)
     return FAILED.findall(done.stdout)

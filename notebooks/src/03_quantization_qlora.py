@@ -148,9 +148,10 @@ print(f"live run: loss ≈{losses[0]:.2f} -> ≈{losses[-1]:.2f} nats/token over
 
 # %% [markdown]
 # **The full run (shipped).** The whole recipe (`SKILL.steps` steps) takes minutes on a CPU, too long
-# for this notebook. The package ships its result, trained by
-# `python -m lowmem_course.quantize teach` from the same seed; its `recipe.json` records the command
-# and the accuracy measured on 500 held-out problems. Load it on the 4-bit student and measure again:
+# for this notebook. The package ships its result, trained from the same seed by
+# `python -m lowmem_course.quantize teach --out DIR` (the shipped copy is never overwritten); its
+# `recipe.json` records the command that made it and the accuracy measured on 500 held-out problems.
+# Load it on the 4-bit student and measure again:
 
 # %%
 shipped, _, shipped_recipe = quantize.load_adapter(SKILL.task, device=device)

@@ -159,8 +159,10 @@ print({s: rows[s, 0]["state_device"] for s in ["zero3", "zero3-offload"]})
 
 # %%
 for rank in range(WORLD):
-    print(f"rank {rank}: ddp  " + " ".join(f"{x:.5f}" for x in rows["ddp", rank]["losses"]))
-    print(f"rank {rank}: zero3 " + " ".join(f"{x:.5f}" for x in rows["zero3", rank]["losses"]))
+    ddp, zero3 = rows["ddp", rank]["losses"], rows["zero3", rank]["losses"]
+    print(f"rank {rank}: ddp  " + " ".join(f"≈{x:.5f}" for x in ddp))
+    print(f"rank {rank}: zero3 " + " ".join(f"≈{x:.5f}" for x in zero3)
+          + f"   largest difference from ddp: ≈{max(abs(a - b) for a, b in zip(ddp, zero3)):.0e}")
 
 # %% [markdown]
 # The drill's run saved its sharded model **and optimizer** state with
