@@ -17,7 +17,8 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")  # the estimator's names for the ladder
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")  # the recipes' names for the training ladder
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights stored in 16/32 bits, by name
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: larger values overflow to inf
 FP16_TINY = 2.0**-24  # smallest positive (subnormal) float16: smaller values underflow to 0
 

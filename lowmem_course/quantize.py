@@ -36,7 +36,7 @@ from transformers import BitsAndBytesConfig
 
 from lowmem_course import family
 
-FORMATS = ("int8", "fp4", "nf4", "nf4-dq")
+FORMATS = ("int8", "fp4", "nf4", "nf4-dq", "fp4-dq")
 FUSED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # transformers 5's 3-D MoE expert parameters
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit")
 

@@ -187,9 +187,11 @@ def test_plan_quotes_the_paths_it_prints(capsys, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(BASES["r1-distill-qwen-7b"]))
     code, out, _ = lowmem(capsys, "plan", str(folder), "--gpu-memory", "80GiB", "--mode", "qlora")
-    commands = [line.strip() for line in out.splitlines() if line.strip().startswith("lowmem estimate ")]
+    commands = [shlex.split(line) for line in out.splitlines() if line.strip().startswith("lowmem train ")]
     assert code == 0 and commands
-    assert all(shlex.split(c)[:3] == ["lowmem", "estimate", str(folder)] for c in commands)
+    for words in commands:  # the model's path and the run folder named after it are one word each
+        assert words[:4] == ["lowmem", "train", "--model", str(folder)]
+        assert words[words.index("--out") + 1].startswith("runs/my model; rm -rf ~-qlora")
 
 
 # ---- python -m lowmem_course.student and .quantize -------------------------------------------
