@@ -6,7 +6,8 @@ measurement in ``tests/test_estimate.py``, in notebook 08 and by ``lowmem valida
 
 - ``config``: a config's fields checked, its shape, linear maps and exact parameter counts;
 - ``memory``: ``Setup`` (a recipe on a run of some shape) and ``estimate``, its peak per device;
-- ``planner``: the recipes that fit a budget, cheapest compute first (``plan``).
+- ``planner``: the recipes that fit a budget, cheapest compute first (``plan``), and what to do
+  when none does (``shortfall``).
 """
 
 from lowmem_course.estimate.config import (ARCHITECTURES, MAX_LAYERS, Linear, Parameters, Shape, config_fields,
@@ -16,13 +17,14 @@ from lowmem_course.estimate.memory import (ATTENTION, CHECKPOINTING, DEVICES, EX
                                            PARALLEL, PRECISIONS, WEIGHT_BYTES, WEIGHT_FORMATS, Estimate,
                                            ModelStates, Setup, estimate, frozen_weight_bytes, kv_cache_per_token,
                                            model_states, recipe_of, setup_of)
-from lowmem_course.estimate.planner import (COST, DEFAULT_PRECISIONS, PlanOption, candidates, check_precisions,
-                                            cost, plan)
+from lowmem_course.estimate.planner import (COST, COST_BASELINE, DEFAULT_PRECISIONS, DEFAULT_SEQ, GPU_COUNTS, JOBS, PlanOption,
+                                            Shortfall, candidates, check_precisions, cost, job_of, plan, shortfall)
 
 __all__ = [
-    "ARCHITECTURES", "ATTENTION", "CHECKPOINTING", "COST", "DEFAULT_PRECISIONS", "DEVICES", "EXPERTS_SUFFIX",
-    "MAX_LAYERS", "MODES", "OPTIMIZERS", "PARALLEL", "PRECISIONS", "WEIGHT_BYTES", "WEIGHT_FORMATS", "Estimate",
-    "Linear", "ModelStates", "Parameters", "PlanOption", "Setup", "Shape", "candidates", "check_precisions",
-    "config_fields", "cost", "count", "estimate", "frozen_weight_bytes", "kv_cache_per_token", "layer_linears",
-    "load_config", "lora_targets", "model_states", "plan", "recipe_of", "setup_of", "shape_of", "validate_fields",
+    "ARCHITECTURES", "ATTENTION", "CHECKPOINTING", "COST", "COST_BASELINE", "DEFAULT_PRECISIONS", "DEFAULT_SEQ", "DEVICES",
+    "EXPERTS_SUFFIX", "GPU_COUNTS", "JOBS", "MAX_LAYERS", "MODES", "OPTIMIZERS", "PARALLEL", "PRECISIONS",
+    "WEIGHT_BYTES", "WEIGHT_FORMATS", "Estimate", "Linear", "ModelStates", "Parameters", "PlanOption", "Setup",
+    "Shape", "Shortfall", "candidates", "check_precisions", "config_fields", "cost", "count", "estimate",
+    "frozen_weight_bytes", "job_of", "kv_cache_per_token", "layer_linears", "load_config", "lora_targets",
+    "model_states", "plan", "recipe_of", "setup_of", "shape_of", "shortfall", "validate_fields",
 ]

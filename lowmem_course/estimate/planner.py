@@ -1,4 +1,5 @@
-"""The planner: which recipes fit a memory budget, cheapest compute first, and what each costs."""
+"""The planner: which recipes fit a memory budget, cheapest compute first, what each costs, and, when
+nothing fits, how far off the leanest recipe is and what would fit instead (``shortfall``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from lowmem_course.estimate.memory import (CHECKPOINTING, EXPERTS_SUFFIX, PRECIS
                                            estimate, recipe_of)
 from lowmem_course.recipe import base_weights
 
-# Compute cost of each technique relative to bf16 full fine-tuning (forward + backward = 6 x params
-# x tokens): rough, published-order-of-magnitude factors used to rank, not to predict time.
-COST = {"full": 1.0, "lora": 0.7, "qlora": 0.85, "inference": 0.33, "checkpointing": 1.33, "fp32": 2.0,
+# Compute cost of each technique, rough published-order-of-magnitude factors used to rank, not to
+# predict time. Training relative to bf16 full fine-tuning (forward + backward = 6 x params x tokens),
+# inference relative to serving the bf16 model from one GPU: the two are never ranked together.
+COST = {"full": 1.0, "lora": 0.7, "qlora": 0.85, "inference": 1.0, "checkpointing": 1.33, "fp32": 2.0,
         "zero": 1.1, "tensor": 1.1}
+COST_BASELINE = {"training": "bf16 full fine-tuning", "inference": "serving bf16 weights from one GPU"}
 DEFAULT_PRECISIONS = ("bf16-mixed", "bf16")  # what ``plan`` tries unless told: GPUs with bf16
+DEFAULT_SEQ = 4096  # tokens per sequence unless told: room for a reasoning model's thinking
+JOBS = {"training": ("full", "lora", "qlora"), "inference": ("inference",)}  # the two jobs and their modes
+GPU_COUNTS = tuple(2**k for k in range(1, 11))  # what ``shortfall`` tries: 2, 4, ..., 1024 GPUs
+
+
+def job_of(mode: str) -> str:
+    """"training" for full, lora and qlora; "inference" for inference."""
+    return next(job for job, modes in JOBS.items() if mode in modes)
 
 
 @dataclass(frozen=True)
@@ -29,16 +40,19 @@ class PlanOption:
 
     def command(self, model: str, data: str = "data.jsonl") -> str:
         """The command that runs this option: ``lowmem train`` for a training recipe (one replica per
-        GPU), ``lowmem estimate`` for the others (serving and ZeRO are estimated, not run)."""
+        GPU), ``lowmem estimate`` for the others (serving and ZeRO are estimated, not run; a serving
+        command comes in a later release). Only flags that change the row: ``--gpus`` for ZeRO
+        (``tpN`` names its GPUs; replicas are per GPU), ``--lora-rank`` when not 16, ``--device cpu``."""
         s = self.estimate.setup
         name = shlex.quote(str(model))
+        rank = f" --lora-rank {s.lora_rank}" if s.mode in ("lora", "qlora") and s.lora_rank != 16 else ""
         if s.mode != "inference" and not s.zero:
             run = f"runs/{Path(str(model)).name.lower()}-{self.recipe.replace('+', '-')}"
-            extra = f" --lora-rank {s.lora_rank}" if s.mode != "full" and s.lora_rank != 16 else ""
             return (f"lowmem train --model {name} --recipe {self.recipe} --data {shlex.quote(data)} "
-                    f"--out {shlex.quote(run)} --batch {s.batch} --max-tokens {s.seq}{extra}")
-        gpus = f" --gpus {s.gpus}" if s.gpus > 1 else ""
-        return f"lowmem estimate {name} --recipe {self.recipe} --batch {s.batch} --seq {s.seq}{gpus}"
+                    f"--out {shlex.quote(run)} --batch {s.batch} --max-tokens {s.seq}{rank}")
+        gpus = f" --gpus {s.gpus}" if s.zero else ""
+        device = f" --device {s.device}" if s.device != "cuda" else ""
+        return f"lowmem estimate {name} --recipe {self.recipe} --batch {s.batch} --seq {s.seq}{gpus}{rank}{device}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: cost and the estimate (which carries the recipe)."""
@@ -46,7 +60,8 @@ class PlanOption:
 
 
 def cost(setup: Setup) -> float:
-    """Relative compute cost of ``setup`` (``COST``: bf16 full fine-tuning = 1), for ranking only."""
+    """Relative compute cost of ``setup`` for ranking only (``COST``): training against bf16 full
+    fine-tuning = 1, inference against serving bf16 weights from one GPU = 1."""
     cost = COST[setup.mode]
     if setup.mode != "inference" and setup.checkpointing == "full":
         cost *= COST["checkpointing"]
@@ -60,6 +75,7 @@ def cost(setup: Setup) -> float:
 
 
 def check_precisions(precisions: Any) -> tuple[str, ...]:
+    """``precisions`` as a tuple without repeats; ``ValueError`` for an unknown one or none."""
     chosen = tuple(dict.fromkeys(precisions))
     bad = [p for p in chosen if p not in PRECISIONS]
     if bad or not chosen:
@@ -96,17 +112,113 @@ def candidates(mode: str | None, batch: int, seq: int, gpus: int, precisions: An
     return out
 
 
-def plan(model: str | Path | Any, gpu_memory: int, mode: str | None = None, batch: int = 1, seq: int = 1024,
+def plan(model: str | Path | Any, gpu_memory: int, mode: str | None = None, batch: int = 1, seq: int = DEFAULT_SEQ,
          gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS, device: str = "cuda") -> list[PlanOption]:
-    """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes, cheapest compute first
-    (ties: least memory first). ``precisions`` restricts the precisions tried (a T4 has no bf16:
-    ``("fp16-mixed", "fp32")``); ``device`` picks the attention kernels (``Setup.device``);
-    ``candidates`` lists what is tried."""
+    """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes: training first, then
+    inference, each cheapest compute first (ties: least memory first). ``precisions`` restricts the
+    precisions tried (a T4 has no bf16: ``("fp16-mixed", "fp32")``); ``device`` picks the attention
+    kernels (``Setup.device``); ``candidates`` lists what is tried."""
     fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
+    fits = [o for o in _options(fields, mode, batch, seq, gpus, precisions, device)
+            if o.estimate.bytes["total"] <= gpu_memory]
+    return sorted(fits, key=lambda o: (job_of(o.estimate.setup.mode) != "training", o.cost, o.estimate.bytes["total"]))
+
+
+def _options(fields: dict[str, Any], mode: str | None, batch: int, seq: int, gpus: int, precisions: Any,
+             device: str) -> list[PlanOption]:
+    """Every candidate setup (``candidates``) with its estimate, fitting or not."""
     moe = shape_of(fields).experts > 0
-    fits = []
-    for setup in candidates(mode, batch, seq, gpus, precisions, moe, device):
-        e = estimate(fields, setup)
-        if e.bytes["total"] <= gpu_memory:
-            fits.append(PlanOption(estimate=e, recipe=str(recipe_of(setup)), cost=cost(setup)))
-    return sorted(fits, key=lambda o: (o.cost, o.estimate.bytes["total"]))
+    return [PlanOption(estimate=estimate(fields, setup), recipe=str(recipe_of(setup)), cost=cost(setup))
+            for setup in candidates(mode, batch, seq, gpus, precisions, moe, device)]
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """What ``plan`` answers for a job (training or inference) of which nothing fits the budget.
+
+    ``leanest`` is the candidate needing the least memory per GPU, ``over`` the bytes it needs beyond
+    the budget and ``weights`` the bytes per GPU of its weights alone (when they exceed the budget, no
+    shorter context or smaller batch can help). ``gpus``/``at_gpus``: the fewest GPUs of the same
+    budget (among ``GPU_COUNTS``) on which something fits at the asked batch and context, and the
+    cheapest thing that does; None when more GPUs cannot help (LoRA and QLoRA keep a whole model
+    per GPU here) or when even 1024 are not enough. ``seq``: the longest context that fits on the
+    GPUs asked for at the asked batch (``at_seq`` the cheapest option there), ``batch`` the largest
+    batch that fits at the asked context; None when not even 1 fits (or the batch asked was 1).
+    """
+
+    job: str
+    budget: int
+    leanest: PlanOption
+    gpus: int | None
+    at_gpus: PlanOption | None
+    seq: int | None
+    at_seq: PlanOption | None
+    batch: int | None
+
+    @property
+    def over(self) -> int:
+        """Bytes per GPU the leanest candidate needs beyond the budget."""
+        return self.leanest.estimate.bytes["total"] - self.budget
+
+    @property
+    def weights(self) -> int:
+        """Bytes per GPU of the leanest candidate's weights alone."""
+        return self.leanest.estimate.bytes["weights"]
+
+    def to_dict(self, model: str) -> dict[str, Any]:
+        """JSON-ready: every number in bytes, tokens, sequences or GPUs, with the commands that fit."""
+        def option(o: PlanOption | None) -> dict[str, Any] | None:
+            return None if o is None else {"recipe": o.recipe, "total": o.estimate.bytes["total"],
+                                           "command": o.command(model)}
+
+        return {"job": self.job, "leanest": option(self.leanest), "over": self.over, "weights": self.weights,
+                "fewest_gpus": self.gpus, "at_fewest_gpus": option(self.at_gpus),
+                "longest_seq": self.seq, "at_longest_seq": option(self.at_seq), "largest_batch": self.batch}
+
+
+def _cheapest_fit(options: list[PlanOption], budget: int) -> PlanOption | None:
+    fits = [o for o in options if o.estimate.bytes["total"] <= budget]
+    return min(fits, key=lambda o: (o.cost, o.estimate.bytes["total"]), default=None)
+
+
+def _largest(fits: Any, low: int, high: int) -> int | None:
+    """The largest n in [low, high] with ``fits(n)`` (``fits`` true up to some n, false after), or None."""
+    if high < low or not fits(low):
+        return None
+    while low < high:  # fits(low) holds
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def shortfall(model: str | Path | Any, gpu_memory: int, job: str, mode: str | None = None, batch: int = 1,
+              seq: int = DEFAULT_SEQ, gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS,
+              device: str = "cuda") -> Shortfall:
+    """What to say when nothing of ``job`` ("training" or "inference"; only ``mode`` when given)
+    fits ``gpu_memory`` bytes per GPU at ``batch`` x ``seq`` on ``gpus`` GPUs (see ``Shortfall``).
+
+    Pure arithmetic: the longest context and the largest batch are bisections over the estimate
+    (memory grows with each), the fewest GPUs a scan of ``GPU_COUNTS`` above ``gpus``.
+    """
+    fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
+    modes = [mode] if mode else list(JOBS[job])
+
+    def options(b: int, s: int, n: int) -> list[PlanOption]:
+        return [o for m in modes for o in _options(fields, m, b, s, n, precisions, device)]
+
+    def fits(b: int, s: int) -> bool:
+        return _cheapest_fit(options(b, s, gpus), gpu_memory) is not None
+
+    leanest = min(options(batch, seq, gpus), key=lambda o: o.estimate.bytes["total"])
+    at_gpus, fewest = None, None
+    if "full" in modes or "inference" in modes:  # ZeRO and tensor parallelism divide the model
+        for n in (c for c in GPU_COUNTS if c > gpus):
+            at_gpus = _cheapest_fit(options(batch, seq, n), gpu_memory)
+            if at_gpus:
+                fewest = n
+                break
+    longest = _largest(lambda s: fits(batch, s), 1, seq - 1)
+    largest = _largest(lambda b: fits(b, seq), 1, batch - 1)
+    at_seq = _cheapest_fit(options(batch, longest, gpus), gpu_memory) if longest else None
+    return Shortfall(job=job, budget=gpu_memory, leanest=leanest, gpus=fewest, at_gpus=at_gpus, seq=longest,
+                     at_seq=at_seq, batch=largest)
