@@ -177,7 +177,7 @@ def test_terminal_escapes_in_a_config_are_printed_escaped(capsys, tmp_path):
     path.write_text(json.dumps({**BASES["r1-distill-qwen-7b"], "name_or_path": "\x1b[2J\x1b[31mred\nline"}))
     code, out, _ = lowmem(capsys, "estimate", str(path))
     assert code == 0
-    assert out.splitlines()[0].startswith("\\x1b[2J\\x1b[31mred\\nline: 7.62B parameters")
+    assert out.splitlines()[0].startswith("Training (full fine-tuning) of \\x1b[2J\\x1b[31mred\\nline with recipe")
     assert "\x1b" not in out
     assert printable("tab\there\x9b") == "tab\\there\\x9b"
 

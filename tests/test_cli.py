@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_course import cli, family
+from lowmem_course import cli, family, gpus
 from lowmem_course.cmdline import positive_int
-from lowmem_course.estimate import Setup, estimate
-from lowmem_course.units import GiB, parse_bytes
+from lowmem_course.estimate import DEFAULT_SEQ, Setup, estimate, setup_of
+from lowmem_course.units import GiB, MiB, parse_bytes
 
 KEYS = {"weights", "gradients", "optimizer", "activations", "kv_cache", "total"}
 
@@ -31,7 +31,8 @@ def test_estimate_json_contract(capsys):
     assert code == 0 and err == ""
     assert data["parameters"] == 671_026_404_352 and data["active_parameters"] == 37_552_282_624
     assert set(data["bytes"]) >= KEYS and all(isinstance(v, int) for v in data["bytes"].values())
-    assert data["bytes"] == estimate("r1", Setup()).bytes
+    assert data["bytes"] == estimate("r1", Setup(seq=DEFAULT_SEQ)).bytes
+    assert data["job"] == "training" and data["budget"] is None and data["fits"] is None
 
 
 def test_estimate_recipe_and_flags_reach_the_setup(capsys):
@@ -65,8 +66,11 @@ def test_a_bad_recipe_is_one_line_naming_the_problem(capsys, recipe, message):
 
 def test_estimate_table_in_gib(capsys):
     code, out, _ = run(capsys, "estimate", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "--recipe", "inference+bf16")
-    e = estimate("r1-distill-qwen-1.5b", Setup(mode="inference", precision="bf16"))
+    e = estimate("r1-distill-qwen-1.5b", Setup(mode="inference", precision="bf16", seq=DEFAULT_SEQ))
     assert code == 0
+    assert out.startswith("Inference of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B with recipe inference+bf16, "
+                          "batch 1 x seq 4,096 on 1 GPU; budget: none given")
+    assert "gradients" not in out and "optimizer" not in out  # an inference row has neither
     assert f"{'total':<12} {e.bytes['total'] / GiB:9.2f}\n" in out
     assert f"{'kv_cache':<12} {e.bytes['kv_cache'] / GiB:9.2f}\n" in out and "GiB/GPU" in out
 
@@ -92,7 +96,115 @@ def test_plan_lists_fitting_recipes(capsys):
 
 def test_plan_with_nothing_fitting_exits_1(capsys):
     code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "1GiB")
-    assert code == 1 and "nothing fits" in out
+    assert code == 1 and out.count("nothing fits in 1.00 GiB per GPU") == 2  # training and inference
+
+
+def test_estimate_and_plan_share_their_defaults():
+    estimate_args = cli.parser().parse_args(["estimate", "r1"])
+    plan_args = cli.parser().parse_args(["plan", "r1", "--gpu", "h200"])
+    for name in ("batch", "seq", "gpus", "device", "json"):
+        assert getattr(estimate_args, name) == getattr(plan_args, name), name
+    assert plan_args.seq == DEFAULT_SEQ == 4096 and plan_args.batch == 1
+
+
+def test_plan_without_a_mode_groups_training_and_inference(capsys):
+    code, out, _ = run(capsys, "plan", "r1-distill-qwen-14b", "--gpu", "rtx-4090", "--seq", "8192")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("Training and inference of deepseek-ai/DeepSeek-R1-Distill-Qwen-14B, "
+                                             "batch 1 x seq 8,192 on 1 x rtx-4090; budget: 23.24 GiB usable per GPU")
+    training = lines.index("Training (full fine-tuning, LoRA, QLoRA): nothing fits in 23.24 GiB per GPU")
+    inference = next(i for i, line in enumerate(lines) if line.startswith("Inference: 2 setups fit"))
+    assert training < inference and "cost relative to serving bf16 weights from one GPU" in lines[inference]
+    assert "a serving command comes in a later release" in lines[inference]
+    assert "bf16 full fine-tuning" not in "\n".join(lines[inference:])
+    assert lines[inference + 1].split() == ["recipe", "cost", "weights", "activ", "kv", "total"]
+
+
+def test_one_setup_is_singular(capsys):
+    code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "80GiB", "--gpus", "8", "--mode", "inference")
+    assert code == 0 and "Inference: 1 setup fits," in out and "setups" not in out
+
+
+# ---- the learner's three questions ------------------------------------------------------------
+
+def test_question_1_qlora_14b_on_a_4090_at_8k(capsys):
+    """"Can I fine-tune R1-Distill-Qwen-14B on my 24 GB RTX 4090 at 8k context?" No: how far, what fits."""
+    code, out, _ = run(capsys, "plan", "r1-distill-qwen-14b", "--gpu", "rtx-4090", "--seq", "8192", "--mode", "qlora",
+                       "--json")
+    short = json.loads(out)["nothing_fits"]["training"]
+    budget = gpus.gpu("rtx-4090").usable
+    lean = estimate("r1-distill-qwen-14b", setup_of(short["leanest"]["recipe"], seq=8192))
+    assert code == 1 and short["over"] == lean.bytes["total"] - budget > 0
+    assert short["weights"] == lean.bytes["weights"] < budget
+    assert short["fewest_gpus"] is None  # QLoRA keeps a whole model per GPU: more GPUs cannot help
+    longest = short["longest_seq"]
+    assert 4096 < longest < 8192  # 4k fits, 8k does not
+    fits = estimate("r1-distill-qwen-14b", setup_of(short["at_longest_seq"]["recipe"], seq=longest))
+    too_long = estimate("r1-distill-qwen-14b", setup_of(short["at_longest_seq"]["recipe"], seq=longest + 1))
+    assert fits.bytes["total"] <= budget < too_long.bytes["total"]
+    assert short["at_longest_seq"]["command"].startswith("lowmem train --model r1-distill-qwen-14b --recipe qlora")
+    assert f"--max-tokens {longest}" in short["at_longest_seq"]["command"]
+    code, out, _ = run(capsys, "plan", "r1-distill-qwen-14b", "--gpu", "rtx-4090", "--seq", "8192", "--mode", "qlora")
+    assert f"the longest context that fits on 1 GPU at batch 1: {longest:,} tokens" in out
+    assert "more GPUs cannot help" in out and "shorten" not in out
+
+
+def test_question_2_serving_70b_at_32k_on_two_80_gb_cards(capsys):
+    """"How much VRAM to serve R1-Distill-Llama-70B at 32k?" bf16 split over 2 H100s fits; the unit is said."""
+    argv = ["plan", "r1-distill-llama-70b", "--gpus", "2", "--seq", "32768", "--mode", "inference", "--json"]
+    by_card = json.loads(run(capsys, *argv, "--gpu", "h100-80gb")[1])
+    assert "inference+bf16+tp2" in {f["recipe"] for f in by_card["fits"]}
+    assert by_card["budget"]["bytes"] == 81559 * MiB - gpus.CUDA_RESERVE
+    decimal = json.loads(run(capsys, *argv, "--gpu-memory", "80GB")[1])
+    assert "inference+bf16+tp2" not in {f["recipe"] for f in decimal["fits"]}  # 80 GB are 74.51 GiB
+    assert decimal["budget"]["said"] == "74.51 GiB (80GB = 80,000,000,000 bytes, decimal) per GPU"
+    code, out, _ = run(capsys, *argv[:-1], "--gpu-memory", "80GB")
+    assert code == 0 and "budget: 74.51 GiB (80GB = 80,000,000,000 bytes, decimal) per GPU" in out.splitlines()[0]
+    code, out, _ = run(capsys, "estimate", "r1-distill-llama-70b", "--recipe", "inference+bf16+tp2", "--seq", "32768",
+                       "--gpu", "h100-80gb")
+    assert code == 0 and out.startswith("Inference of") and "fits: " in out
+
+
+def test_question_3_full_r1_on_two_h100s(capsys):
+    """"Can I run the full R1 on 2 x H100 80GB?" No, whatever the context: 8 of them at 4 bits."""
+    code, out, _ = run(capsys, "plan", "r1", "--gpu", "h100-80gb", "--gpus", "2", "--mode", "inference", "--json")
+    short = json.loads(out)["nothing_fits"]["inference"]
+    assert code == 1 and short["weights"] > gpus.gpu("h100-80gb").usable
+    assert short["longest_seq"] is None and short["largest_batch"] is None
+    assert short["fewest_gpus"] == 8 and short["at_fewest_gpus"]["recipe"] == "inference+bf16+nf4-dq+experts+tp8"
+    code, out, _ = run(capsys, "plan", "r1", "--gpu", "h100-80gb", "--gpus", "2", "--mode", "inference")
+    assert "no shorter context or smaller batch can help" in out and "the fewest h100-80gb that fit: 8" in out
+    assert "--seq" not in out.replace("--seq 4096", "")  # never "shorten --seq"
+
+
+def test_gpu_by_name_follows_the_card(capsys):
+    code, out, _ = run(capsys, "plan", "r1-distill-qwen-1.5b", "--gpu", "t4", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["job"]["precisions"] == ["fp16-mixed", "fp32"]
+    assert not any("bf16" in f["recipe"] for f in data["fits"])
+    code, out, _ = run(capsys, "estimate", "r1-distill-qwen-1.5b", "--gpu", "T4", "--json")
+    assert code == 0 and json.loads(out)["recipe"] == "full+fp16-mixed"
+    for argv in (["estimate", "r1", "--gpu", "t4", "--recipe", "lora+bf16-mixed"],
+                 ["plan", "r1", "--gpu", "t4", "--precisions", "bf16-mixed"]):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, "") and err.count("\n") == 1 and "t4 has no bf16" in err
+
+
+def test_lowmem_gpus_lists_the_table(capsys):
+    code, out, _ = run(capsys, "gpus")
+    assert code == 0 and all(name in out for name in gpus.GPUS)
+    code, out, _ = run(capsys, "gpus", "--json")
+    rows = {g["name"]: g for g in json.loads(out)}
+    assert rows["t4"]["bf16"] is False and rows["h100-80gb"]["fp8"] is True
+    assert rows["h200"]["usable"] == 143771 * MiB - gpus.CUDA_RESERVE
+
+
+def test_help_shows_examples_and_model_names(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "lowmem plan r1-distill-qwen-14b --gpu rtx-4090" in out
+    assert all(name in out for name in family.MEMBERS) and all(name in out for name in gpus.GPUS)
 
 
 BAD = [
@@ -103,6 +215,12 @@ BAD = [
     ["estimate", "r1", "--recipe", "full+zero4"],
     ["plan", "r1", "--gpu-memory", "lots"],
     ["plan", "r1", "--gpu-memory", "0GB"],
+    ["plan", "r1", "--gpu-memory", "24"],
+    ["plan", "r1", "--gpu", "a800"],
+    ["plan", "r1", "--gpu", "h100-80gb", "--gpu-memory", "80GiB"],
+    ["plan", "r1"],
+    ["plan", "r1", "--gpu", "h200", "--gpus", "two"],
+    ["estimate", "r1", "--gpu-memory", "24 parsecs"],
     ["estimate", "no/such/config.json"],
 ]
 
@@ -136,10 +254,34 @@ def test_python_dash_m_runs_the_cli():
 
 
 @settings(max_examples=200, deadline=None)
-@given(value=st.integers(1, 10**6), unit=st.sampled_from(["GB", "GiB", "MB", "MiB", "gib", "TB"]))
+@given(value=st.integers(1, 10**6), unit=st.sampled_from(["GB", "GiB", "G", "MB", "MiB", "m", "gib", "TB", "T"]))
 def test_gpu_memory_parses_every_documented_form(value, unit):
-    scale = {"gb": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20, "tb": 10**12}[unit.lower()]
-    assert cli._memory(f"{value}{unit}") == value * scale
+    scale = {"gb": 10**9, "gib": 2**30, "g": 2**30, "mb": 10**6, "mib": 2**20, "m": 2**20, "tb": 10**12,
+             "t": 2**40}[unit.lower()]
+    budget = cli._memory(f"{value}{unit}")
+    assert budget.bytes == value * scale
+    assert budget.said.startswith(f"{value * scale / GiB:.2f} GiB")
+    assert ("decimal" in budget.said) == (unit.lower() in ("gb", "mb", "tb")) and budget.gpu is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(digits=st.from_regex(r"[0-9]{1,6}(\.[0-9]{1,3})?", fullmatch=True))
+def test_a_size_without_a_unit_is_refused(digits):
+    with pytest.raises(Exception, match="has no unit"):
+        cli._memory(digits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(st.sampled_from(sorted(gpus.GPUS)), st.text(max_size=12)))
+def test_gpu_names_are_read_or_refused_in_one_line(text):
+    key = text.strip().lower().replace("_", "-").replace(" ", "-")
+    if key in gpus.GPUS:
+        budget = cli._gpu(text)
+        assert budget.bytes == gpus.GPUS[key].usable and budget.gpu is gpus.GPUS[key]
+    else:
+        with pytest.raises(Exception, match="unknown GPU") as error:
+            cli._gpu(text)
+        assert "\n" not in str(error.value).replace(repr(text), "")
 
 
 @settings(max_examples=200, deadline=None)
@@ -188,7 +330,7 @@ def test_validate_exits_1_when_a_total_is_off(capsys, monkeypatch):
 
 def test_plan_precisions_restricts_the_plan(capsys):
     code, out, _ = run(capsys, "plan", "r1-distill-qwen-1.5b", "--gpu-memory", "15GiB", "--precisions",
-                       "fp16-mixed,fp32", "--json")
+                       "fp16-mixed,fp32", "--seq", "1024", "--json")
     fits = json.loads(out)["fits"]
     assert code == 0 and {f["setup"]["precision"] for f in fits} == {"fp16-mixed", "fp16", "fp32"}
     assert "lora+fp16-mixed" in {f["recipe"] for f in fits}
@@ -207,7 +349,7 @@ def test_plan_splits_r1_over_8_gpus_with_4_bit_experts(capsys):
     assert fits[0]["bytes"] == estimate("r1", setup).bytes
     code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "80GiB", "--gpus", "8", "--batch", "8", "--seq", "8192",
                        "--mode", "inference")
-    line = "lowmem estimate r1 --recipe inference+bf16+nf4-dq+experts+tp8 --batch 8 --seq 8192 --gpus 8"
+    line = "lowmem estimate r1 --recipe inference+bf16+nf4-dq+experts+tp8 --batch 8 --seq 8192"  # tp8: 8 GPUs
     assert line in out  # the estimate line reproduces it
     code, out, _ = run(capsys, *line.split()[1:], "--json")
     assert code == 0 and json.loads(out)["bytes"] == fits[0]["bytes"]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem_course import family, measure, steps, validate
-from lowmem_course.estimate import (ARCHITECTURES, Setup, count, estimate, kv_cache_per_token, load_config,
+from lowmem_course.estimate import (ARCHITECTURES, Setup, count, estimate, job_of, kv_cache_per_token, load_config,
                                     model_states, plan, recipe_of, setup_of, shape_of)
 from lowmem_course.units import GiB, MiB
 
@@ -107,11 +107,15 @@ def test_eager_attention_adds_the_score_matrix():
     assert eager - sdpa > 28 * 12 * 4096 * 4096 * 4  # one fp32 s x s matrix per head and layer, at least
 
 
-def test_plan_ranks_fitting_setups_by_cost():
-    options = plan(QWEN, 24 * GiB)
+def test_plan_ranks_training_then_inference_each_by_cost():
+    options = plan(QWEN, 24 * GiB, seq=1024)
     assert options and all(o.estimate.bytes["total"] <= 24 * GiB for o in options)
-    assert [o.cost for o in options] == sorted(o.cost for o in options)
-    assert options[0].recipe.startswith("inference")
+    jobs = [job_of(o.estimate.setup.mode) for o in options]
+    assert jobs == sorted(jobs, key=["training", "inference"].index) and set(jobs) == {"training", "inference"}
+    for job in ("training", "inference"):  # two baselines: bf16 full fine-tuning, bf16 serving on one GPU
+        costs = [o.cost for o in options if job_of(o.estimate.setup.mode) == job]
+        assert costs == sorted(costs)
+    assert options[0].recipe.startswith("lora") and min(costs) == 1.0
     for o in options:  # training on one GPU runs as printed; serving is estimated
         kind = "estimate" if o.estimate.setup.mode == "inference" else "train --model"
         assert o.command(QWEN).startswith(f"lowmem {kind} {QWEN} --recipe {o.recipe} ")
@@ -261,7 +265,7 @@ def test_estimate_matches_simulated_full_size_step(mode, precision, seq):
 def test_cost_is_public_and_multiplies_the_technique_factors():
     from lowmem_course.estimate import COST, cost
 
-    assert cost(Setup(mode="full")) == 1.0
+    assert cost(Setup(mode="full")) == 1.0 == cost(Setup(mode="inference", precision="bf16"))
     assert cost(Setup(mode="lora", checkpointing="full", precision="fp32")) == 0.7 * 1.33 * 2.0
     assert cost(Setup(mode="inference", gpus=8, parallel="tensor")) == COST["inference"] * COST["tensor"]
 
