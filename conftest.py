@@ -4,7 +4,9 @@
   native kernels (AVX-512, AVX2, NEON, ...); nbval runs each notebook's kernel with
   ``ATEN_CPU_CAPABILITY=default``, PyTorch's portable scalar kernels, so an output whose digits
   depend on the CPU fails here and never lands. Set ``ATEN_CPU_CAPABILITY`` yourself (``avx2``,
-  ``avx512``) to run them on another kernel set; the package's tests keep the native kernels.
+  ``avx512``) to run them on another kernel set; the package's tests keep the native kernels. The
+  kernels also get ``TQDM_DISABLE=1``, as when the notebooks are built: no progress bar
+  (``lab.progress``) in the outputs compared.
 - **Two or more processes**: pytest-xdist runs the files on up to 4 workers (``-n auto`` in
   pyproject.toml), each file on one worker (``--dist loadfile``: a notebook's cells share a kernel).
   Each worker, and every kernel or subprocess it starts, computes on one thread
@@ -48,14 +50,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item):
-    """Start a notebook's kernel (nbval does it in the first cell's set-up) on the portable kernels."""
-    if not _is_notebook_cell(item) or "ATEN_CPU_CAPABILITY" in os.environ:
+    """Start a notebook's kernel (nbval does it in the first cell's set-up) on the portable kernels,
+    without progress bars; a variable already set is kept."""
+    if not _is_notebook_cell(item):
         return (yield)
-    os.environ["ATEN_CPU_CAPABILITY"] = NOTEBOOK_CPU_CAPABILITY  # the kernel process copies the environment
+    added = {k: v for k, v in {"ATEN_CPU_CAPABILITY": NOTEBOOK_CPU_CAPABILITY, "TQDM_DISABLE": "1"}.items()
+             if k not in os.environ}
+    os.environ.update(added)  # the kernel process copies the environment
     try:
         return (yield)
     finally:
-        del os.environ["ATEN_CPU_CAPABILITY"]
+        for name in added:
+            del os.environ[name]
 
 
 def _kernel_peak_rss(notebook: pytest.Collector) -> int | None:

@@ -16,6 +16,9 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import torch
 from transformers import PretrainedConfig
 
@@ -68,6 +71,18 @@ def course_model(default: str = "r1-distill-qwen-1.5b") -> CourseModel:
 
     return CourseModel(name=chosen, config=AutoConfig.from_pretrained(chosen, trust_remote_code=False),
                        is_twin=False)
+
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], desc: str) -> Iterator[T]:
+    """``items`` behind a ``tqdm.auto`` progress bar for a learner running the notebook, and behind
+    none when ``TQDM_DISABLE`` is set (tqdm's own switch, which its notebook widget ignores):
+    ``tools/build_notebooks.py`` and the nbval run set it, so no bar frozen at "0%" is stored."""
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=desc, disable=bool(os.environ.get("TQDM_DISABLE"))))
 
 
 LIBRARY_MODULES = r"(torch|transformers|peft|bitsandbytes|accelerate|huggingface_hub)(\.|$)"

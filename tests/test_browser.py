@@ -2,7 +2,8 @@
 
 A copy of the notebook, with its stored outputs cleared, runs in a JupyterLab started on a free
 localhost port with a token. The test clicks Run > Run All Cells, waits until the kernel is idle and
-every cell has run, then checks that no cell shows an error, that every plot the stored notebook
+every cell has run, then checks that no cell shows an error, a stderr box (a library warning) or a
+progress bar frozen at "0%", that every plot the stored notebook
 has is rendered as an image in the page, and that the saved copy holds the same. A screenshot lands
 in ``tests/browser_screenshots/`` (git-ignored). The stored notebook is never touched.
 
@@ -134,12 +135,15 @@ def _click_menu(driver, menu: str, item: str) -> None:
 PAGE_STATE = """
 const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')]
     .map(p => p.textContent.trim());
-const errors = [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
-    .map(e => e.textContent).filter(t => t.includes('Traceback') || /\\w+Error\\b/.test(t));
+const stderr = [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+    .map(e => e.textContent);
+const errors = stderr.filter(t => t.includes('Traceback') || /\\w+Error\\b/.test(t));
+const bars = [...document.querySelectorAll('.jp-Notebook .jp-OutputArea-output')]
+    .map(e => e.textContent).filter(t => /(^|[^0-9])0%\\|/.test(t));
 const images = [...document.querySelectorAll('.jp-Notebook .jp-OutputArea-output img')]
     .map(i => ({loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth, height: i.naturalHeight}));
 const indicator = document.querySelector('.jp-Notebook-ExecutionIndicator');
-return {prompts, errors, images, status: indicator ? indicator.getAttribute('data-status') : null};
+return {prompts, errors, stderr, bars, images, status: indicator ? indicator.getAttribute('data-status') : null};
 """
 
 
@@ -187,6 +191,8 @@ def test_run_all_in_jupyterlab_shows_no_error_and_renders_the_plots(lab_server):
         driver.quit()
 
     assert not state["errors"], "a cell shows an error in JupyterLab:\n" + "\n".join(state["errors"])
+    assert not state["stderr"], "a cell shows a stderr box in JupyterLab:\n" + "\n".join(state["stderr"])
+    assert not state["bars"], "a progress bar is frozen at 0% in JupyterLab:\n" + "\n".join(state["bars"])
     assert len(state["prompts"]) == sum(c.cell_type == "code" for c in nbformat.read(NOTEBOOK, as_version=4).cells)
     assert expected_images > 0, "the stored notebook has no plot to compare with"
     assert len(state["images"]) == expected_images, f"{len(state['images'])} plots rendered, {expected_images} stored"

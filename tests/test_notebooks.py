@@ -1,5 +1,9 @@
 """The stored notebooks are the executed form of their sources in notebooks/src/.
 
+Their stored outputs are what a learner reads on GitHub or in JupyterLab before running anything: no
+stderr box (a library warning, a progress bar), no progress widget (stored, it shows a bar frozen
+at "0%"), no text bar stuck at 0%.
+
 The same holds for the exercises' worked solutions: ``notebooks/src/solutions/NN_topic.py`` is
 stored executed as ``notebooks/solutions/NN_topic.ipynb``, and every course notebook with an
 "## Exercises" section has one, solving as many exercises as the section asks.
@@ -20,6 +24,8 @@ from build_notebooks import parse_cells, target_of  # noqa: E402
 
 SOURCES = sorted((ROOT / "notebooks" / "src").glob("*.py"))
 SOLUTION_SOURCES = sorted((ROOT / "notebooks" / "src" / "solutions").glob("*.py"))
+FROZEN_BAR = re.compile(r"(?<![0-9])0%\|")  # tqdm's "  0%|          | 0/15", not "100%|"
+WIDGET = "application/vnd.jupyter.widget-view+json"
 EXERCISE = re.compile(r"^\d+\. ", re.MULTILINE)  # "1. *(easy)* ..." in an Exercises section
 SOLVED = re.compile(r"^## Exercise (\d+)\b", re.MULTILINE)  # one heading per solved exercise
 
@@ -71,6 +77,38 @@ def test_every_notebook_with_exercises_has_a_solution_per_exercise(source):
     assert cells[0].source.splitlines()[0].endswith(" — solutions")
     first_code = next(c for c in cells if c.cell_type == "code")
     assert first_code.source == lab.SETUP_CELL, "the first code cell must be lab.SETUP_CELL"
+
+
+def stored_noise(notebook: nbformat.NotebookNode) -> list[str]:
+    """What a learner should not read in a notebook's stored outputs: "cell N: why", one per output."""
+    found = []
+    for n, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") + output.get("data", {}).get("text/plain", "")
+            if output.output_type == "stream" and output.name == "stderr":
+                found.append(f"cell {n}: stderr {text[:80]!r}")
+            elif WIDGET in output.get("data", {}):
+                found.append(f"cell {n}: a widget, stored as {text[:60]!r}")
+            elif FROZEN_BAR.search(text):
+                found.append(f"cell {n}: a bar frozen at 0%: {text[:60]!r}")
+    return found
+
+
+@pytest.mark.parametrize("source", SOURCES + SOLUTION_SOURCES,
+                         ids=lambda p: f"{p.parent.name}/{p.stem}" if p.parent.name == "solutions" else p.stem)
+def test_stored_outputs_hold_no_stderr_widget_or_frozen_bar(source):
+    found = stored_noise(nbformat.read(target_of(source), as_version=4))
+    assert not found, "\n".join(found) + "\n(progress bars: lab.progress; warnings: lab.quiet_libraries)"
+
+
+def test_stored_noise_is_found():
+    bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    bad.cells[0].outputs = [nbformat.v4.new_output("stream", name="stderr", text="pip install kernels"),
+                            nbformat.v4.new_output("display_data", data={WIDGET: {}, "text/plain": "a:   0%|   | 0/2"}),
+                            nbformat.v4.new_output("stream", name="stdout", text="b:   0%|          | 0/3"),
+                            nbformat.v4.new_output("stream", name="stdout", text="done: 100%|####| 3/3")]
+    reasons = [f.split(": ", 1)[1] for f in stored_noise(bad)]  # the finished bar is fine
+    assert [r.split(" ", 2)[:2] for r in reasons] == [["stderr", "'pip"], ["a", "widget,"], ["a", "bar"]]
 
 
 def test_markdown_parsing_keeps_blank_lines_and_strips_the_comment_marks():

@@ -21,6 +21,7 @@ A bare prefix (``00``) picks course notebooks only, as before.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ SOURCES = ROOT / "notebooks" / "src"
 SOLUTION_SOURCES = SOURCES / "solutions"
 SOLUTIONS_PREFIX = "solutions/"
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+NO_BARS = {"TQDM_DISABLE": "1"}  # kernels built here show no progress bar: a stored bar stays at "0%" (lab.progress)
 
 
 def parse_cells(text: str) -> list[nbformat.NotebookNode]:
@@ -77,6 +79,7 @@ def build(source: Path, timeout_s: int = 600) -> Path:
     notebook.metadata["kernelspec"] = KERNEL
     notebook.metadata["language_info"] = {"name": "python"}
     started = time.perf_counter()
+    os.environ.update(NO_BARS)  # the kernel copies this process's environment
     NotebookClient(notebook, timeout=timeout_s, kernel_name="python3",
                    resources={"metadata": {"path": str(target.parent)}}).execute()
     for cell in notebook.cells:  # execution metadata holds wall-clock times: keep diffs quiet

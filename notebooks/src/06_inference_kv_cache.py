@@ -263,13 +263,13 @@ FORMATS = {"bf16": lambda c: kvcache.kv_bytes_per_token(c),
            "int8": lambda c: kvcache.quantized_kv_bytes_per_token(c, 8),
            "int4": lambda c: kvcache.quantized_kv_bytes_per_token(c, 4)}
 longest = {}
-print(f"{'model':<22}{'weights':>11}" + "".join(f"{g + ' ' + f:>15}" for g in GPUS for f in FORMATS))
+print(f"{'model':<22}{'weights':>11}" + "".join(f"{g + ' ' + f:>12}" for g in GPUS for f in FORMATS))
 for name in family.MEMBERS:
     cfg_full = family.config(name)
     e = estimate(name, Setup(mode="inference", precision="bf16", seq=1024))
     longest[name] = {(g, f): kvcache.longest_trace(size, e.bytes["weights"], per(cfg_full), reserved_bytes=e.bytes["activations"])
                      for g, size in GPUS.items() for f, per in FORMATS.items()}
-    print(f"{name:<22}{format_bytes(e.bytes['weights']):>11}" + "".join(f"{n // 1000:>14,}k" for n in longest[name].values()))
+    print(f"{name:<22}{format_bytes(e.bytes['weights']):>11}" + "".join(f"{n // 1000:>11,}k" for n in longest[name].values()))
 qwen7b = family.config("r1-distill-qwen-7b")
 print("r1-distill-qwen-7b cache bytes/token: " + ", ".join(f"{f} {per(qwen7b):,}" for f, per in FORMATS.items()))
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from tqdm.auto import tqdm
 
 from lowmem_course import capstone, estimate, family, plots, quantize  # noqa: F401 (imports bitsandbytes once)
 from lowmem_course.capstone import Budget
@@ -171,7 +170,7 @@ data = capstone.write_data(work / "subtraction.jsonl", n=32, seed=0)
 RECIPES = [chosen[b.label].train_recipe for b in BUDGETS if b.task == "train"]
 MODELS = ["tiny:r1-distill-llama-70b", "student-qwen2"]
 ratios, measured, predicted = [], {}, {}
-for model in tqdm(MODELS, desc="miniature runs"):
+for model in lab.progress(MODELS, desc="miniature runs"):
     r, measured[model], predicted[model] = capstone.miniature(model, RECIPES, data, work / "miniature")
     ratios += r
 

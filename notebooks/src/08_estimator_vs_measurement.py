@@ -25,7 +25,6 @@ device = lab.start()
 
 import matplotlib.pyplot as plt
 import torch
-from tqdm.auto import tqdm
 
 from lowmem_course import family, measure, plots, validate
 from lowmem_course.estimate import Setup, estimate, model_states
@@ -65,7 +64,7 @@ SETUPS = [
     Setup(mode="inference", precision="bf16", batch=2, seq=256),
 ]
 items = [(name, s) for name in validate.GRID_MODELS for s in SETUPS]
-rows = [validate.run_grid("cpu", [item])[0] for item in tqdm(items, desc="measuring")]
+rows = [validate.run_grid("cpu", [item])[0] for item in lab.progress(items, desc="measuring")]
 
 # %%
 print(f"{'model':<22} {'setup':<30} {'predicted':>10} {'measured':>10} {'error':>7}   worst component")
@@ -141,14 +140,15 @@ MODES = {"inference bf16": Setup(mode="inference", precision="bf16", seq=4096),
          "LoRA": Setup(mode="lora", seq=4096),
          "LoRA + ckpt": Setup(mode="lora", seq=4096, checkpointing="full"),
          "full bf16-mixed": Setup(seq=4096)}
-print(f"{'model':<22} {'params':>8} {'active':>7} " + " ".join(f"{m:>16}" for m in MODES))
+WIDTH = {m: max(len(m), 8) for m in MODES}  # each column as wide as its name: the table fits the notebook
+print(f"{'model':<22} {'params':>8} {'active':>7} " + " ".join(f"{m:>{WIDTH[m]}}" for m in MODES))
 family_table = {}
 for name in family.MEMBERS:
     row = {m: estimate(name, s) for m, s in MODES.items()}
     family_table[name] = row
     first = row["inference bf16"]
     print(f"{name:<22} {first.parameters / 1e9:7.1f}B {first.active_parameters / 1e9:6.1f}B "
-          + " ".join(f"{r.bytes['total'] / GiB:16.1f}" for r in row.values()))
+          + " ".join(f"{r.bytes['total'] / GiB:{WIDTH[m]}.1f}" for m, r in row.items()))
 
 # %% [markdown]
 # ZeRO splits the model states over GPUs. For R1-Distill-Qwen-7B on 8 GPUs, bytes per parameter per GPU:
