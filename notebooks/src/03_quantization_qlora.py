@@ -23,7 +23,7 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-import dataclasses, os, textwrap, warnings
+import dataclasses, os, warnings
 
 import matplotlib.pyplot as plt
 import torch
@@ -62,13 +62,13 @@ for fmt, bits in theory_bits.items():
 reference = family.load(source, dtype=torch.bfloat16, device_map={"": str(device)}).eval()
 models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in quantize.FORMATS}
 storage = {fmt: quantize.storage_bytes(m) for fmt, m in models.items()}
-print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>12}{'tables':>11}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
+print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>11}{'tables':>9}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
 for fmt, s in storage.items():
     if fmt == "bf16":
         print(f"{fmt:<8}{format_bytes(s.total):>11}")
         continue
-    print(f"{fmt:<8}{format_bytes(s.total):>11}{format_bytes(s.codes):>11}{format_bytes(s.constants):>12}"
-          f"{format_bytes(s.tables):>11}{s.bits_per_weight:8.3f}{s.bits_per_weight_without_tables:11.3f}{theory_bits[fmt]:8.3f}")
+    print(f"{fmt:<8}{format_bytes(s.total):>11}{format_bytes(s.codes):>11}{format_bytes(s.constants):>11}"
+          f"{format_bytes(s.tables):>9}{s.bits_per_weight:8.3f}{s.bits_per_weight_without_tables:11.3f}{theory_bits[fmt]:8.3f}")
 
 # %% [markdown]
 # The per-weight buffers match the theory. The lookup tables (16 NF4 levels and the 256-entry
@@ -120,7 +120,7 @@ for fmt in models:
 
 # %%
 SKILL = quantize.SkillConfig()
-print(textwrap.fill(repr(SKILL), width=100, subsequent_indent="    "))  # no line wider than the notebook
+print(SKILL)
 subtraction_batch = quantize.skill_batches(SKILL)  # step -> (input_ids, labels), fresh problems per step
 base4 = quantize.load_quantized(source, SKILL.fmt, device=device)
 sub_before = student.accuracy(base4, tok, n=N_EVAL, seed=0, task="subtraction", progress=False)
