@@ -43,10 +43,10 @@ N_EVAL = 50  # held-out problems per accuracy (more is slow on a CPU)
 # - **int8** (LLM.int8): 8 bits + one fp32 scale per row
 # - **FP4 / NF4**: 4-bit codes, one fp32 `absmax` per block of 64 weights: 4 + 32/64 = 4.5 bits
 # - **NF4 + double quantization**: the absmax themselves in 8 bits, one fp32 per 256 blocks:
-#   4 + 8/64 + 32/(64·256) ≈ 4.127 bits
+#   4 + 8/64 + 32/(64·256) ≈ 4.127 bits (FP4 + double quantization, `fp4-dq`: the same)
 
 # %%
-theory_bits = {fmt: 8 * estimate.WEIGHT_BYTES[fmt] for fmt in ("bf16", "int8", "fp4", "nf4", "nf4-dq")}
+theory_bits = {fmt: 8 * estimate.WEIGHT_BYTES[fmt] for fmt in ("bf16", *quantize.FORMATS)}
 for fmt, bits in theory_bits.items():
     print(f"{fmt:<7} {bits:6.3f} bits per weight")
 
