@@ -51,9 +51,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from lowmem_course import family, integrity, lab, measure, precision
+from lowmem_course import family, integrity, measure, optimizers, precision, steps
 from lowmem_course.cmdline import Parser, check_out_folder, one_line, positive_int
 from lowmem_course.recipe import Recipe
 
@@ -125,23 +124,15 @@ def encode(examples: list[Example], tokenizer, max_tokens: int) -> list[tuple[li
         if len(prompt) >= max_tokens:
             raise TrainError(f"example {number}: its prompt ({len(prompt)} tokens) fills --max-tokens {max_tokens}, "
                              "leaving no response token to learn")
-        rows.append((ids, ([-100] * len(prompt) + response)[:max_tokens]))
+        rows.append((ids, ([steps.IGNORE_INDEX] * len(prompt) + response)[:max_tokens]))
     return rows
 
 
 def batch_for_step(rows: list[tuple[list[int], list[int]]], step: int, batch: int, seed: int,
-                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch of step ``step``: the same examples every time, whatever happened before."""
-    chosen = random.Random(seed * 1_000_003 + step).choices(rows, k=batch)
-    length = max(len(ids) for ids, _ in chosen)
-    input_ids = torch.full((batch, length), pad_id)
-    labels = torch.full((batch, length), -100)
-    mask = torch.zeros((batch, length), dtype=torch.long)
-    for i, (ids, target) in enumerate(chosen):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(target)] = torch.tensor(target)
-        mask[i, : len(ids)] = 1
-    return input_ids, labels, mask
+                   tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of step ``step`` (``input_ids``, ``labels``, ``attention_mask``, right-padded by
+    ``steps.pad_right``): the same examples every time, whatever happened before."""
+    return steps.pad_right(random.Random(seed * 1_000_003 + step).choices(rows, k=batch), tokenizer)
 
 
 def _model_path(name: str) -> Path:
@@ -191,10 +182,10 @@ def _with_recipe(path: Path, recipe: Recipe, lora_rank: int, seed: int) -> torch
     # QLoRA stores it in NF4 with double quantization and computes in 16 bits.
     half = torch.float16 if recipe.precision == "fp16" else torch.bfloat16
     if recipe.mode == "qlora":
-        model = quantize.load_quantized(path, "nf4-dq", device=lab.get_device(), dtype=half)
+        model = quantize.load_quantized(path, "nf4-dq", device=family.get_device(), dtype=half)
     else:
         frozen_half = recipe.mode == "lora" and recipe.precision != "fp32"
-        model = family.load(path, dtype=half if frozen_half else torch.float32).to(lab.get_device())
+        model = family.load(path, dtype=half if frozen_half else torch.float32).to(family.get_device())
     if recipe.mode == "full":
         if recipe.checkpointing:
             model.activation_checkpointing_enable()
@@ -471,7 +462,7 @@ def train(args: argparse.Namespace) -> dict:
             resumed = checkpoint_to_resume(out, fingerprint, args.steps) if args.resume else None
             torch.manual_seed(args.seed)
             model = load_model(args.model, recipe, args.lora_rank, args.seed)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+            optimizer = optimizers.make_optimizer(model, "adamw", args.lr)
             scaler = precision.make_scaler(model.device, precision.compute_dtype(recipe.estimator_precision))
             if resumed:
                 start = restore_checkpoint(out, *resumed, model, optimizer, scaler)
@@ -491,40 +482,37 @@ def _steps(args: argparse.Namespace, recipe: Recipe, out: Path, model, tokenizer
            fingerprint: dict, start: int) -> tuple[dict, measure.Measurement | None]:
     """Steps ``start`` to ``args.steps``, each logged, checkpointed every ``--save-every``, then the final
     save and report; returns the report and the last step's measurement."""
-    compute_dtype = precision.compute_dtype(recipe.estimator_precision)
-    model.train()
     last_step: measure.Measurement | None = None
     saved = start
+
+    @contextlib.contextmanager
+    def measured(step: int) -> Iterator[None]:
+        """The last step is measured, in steady state."""
+        nonlocal last_step
+        if step != args.steps - 1:
+            yield
+            return
+        with measure.track(model, optimizer, label=f"{args.model} {recipe}") as last_step:
+            yield
+
+    def after(step: int, loss: float) -> None:
+        """Stop on a loss that is not finite, log the step, checkpoint every ``--save-every``."""
+        nonlocal saved
+        if not math.isfinite(loss):  # the weights may be broken now: nothing more is saved
+            kept = f"{out / CHECKPOINT} (step {saved}) is kept" if saved else "no checkpoint was saved"
+            raise TrainError(f"step {step + 1}: the loss is {loss}; stopped, {kept}. Try a lower --lr, or check the data")
+        log.write(json.dumps({"step": step + 1, "loss": round(loss, 6)}, allow_nan=False) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(out, step + 1, model, optimizer, scaler, fingerprint)
+            saved = step + 1
+        _kill_point("step", step + 1)
+
     with (out / LOG).open("a") as log:
-        for step in tqdm(range(start, args.steps), desc=f"train {recipe}", initial=start, total=args.steps,
-                         disable=args.no_progress):
-            input_ids, labels, mask = (t.to(model.device) for t in batch_for_step(
-                rows, step, args.batch, args.seed, tokenizer.pad_token_id))
-
-            def one_step() -> torch.Tensor:
-                with precision.autocast(model.device, compute_dtype):
-                    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
-
-            if step == args.steps - 1:  # the last step is measured, in steady state
-                with measure.track(model, optimizer, label=f"{args.model} {recipe}") as last_step:
-                    loss = one_step().item()
-            else:
-                loss = one_step().item()
-            if not math.isfinite(loss):  # the weights may be broken now: nothing more is saved
-                kept = f"{out / CHECKPOINT} (step {saved}) is kept" if saved else "no checkpoint was saved"
-                raise TrainError(f"step {step + 1}: the loss is {loss}; stopped, {kept}. "
-                                 "Try a lower --lr, or check the data")
-            log.write(json.dumps({"step": step + 1, "loss": round(loss, 6)}, allow_nan=False) + "\n")
-            log.flush()
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save_checkpoint(out, step + 1, model, optimizer, scaler, fingerprint)
-                saved = step + 1
-            _kill_point("step", step + 1)
+        steps.train_loop(model, optimizer, lambda step: batch_for_step(rows, step, args.batch, args.seed, tokenizer),
+                         args.steps, start=start, on_step=after, around_step=measured,
+                         autocast_dtype=precision.compute_dtype(recipe.estimator_precision), scaler=scaler,
+                         progress=not args.no_progress, desc=f"train {recipe}")
     final = out / ("adapter" if recipe.mode != "full" else "model")
     if recipe.mode == "full":
         model.save_pretrained(final)
