@@ -5,7 +5,7 @@ Three steps, each a few calls::
     budget = Budget("7B on a 24 GB card", "r1-distill-qwen-7b", 24 * GiB, seq=4096)
     options = plan(budget)                    # what fits, cheapest compute first
     best = choose(budget, options)            # the one `lowmem train` can run (or the serving setup)
-    best.train_recipe                         # "lora+checkpointing+bf16"
+    best.train_recipe                         # "lora+bf16-mixed+checkpointing"
 
     ratios, measured, predicted = miniature("student-qwen2", ["lora"], data, workdir)  # ratios to "full"
 
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_course import estimate as est
-from lowmem_course.recipe import Recipe
 
 TASKS = ("train", "serve")
 Setup = est.Setup
@@ -69,11 +68,14 @@ class Budget:
 
 @dataclass(frozen=True)
 class Option(est.PlanOption):
-    """One setup that fits a budget: ``estimate.PlanOption`` (estimate per GPU, recipe, relative cost)
-    and ``train_recipe``, the ``lowmem train --recipe`` that runs it, or None when ``lowmem train``
-    cannot (8-bit optimizer, ZeRO, pure bf16, inference)."""
+    """One setup that fits a budget: ``estimate.PlanOption`` (estimate per GPU, recipe, relative cost)."""
 
-    train_recipe: str | None = None
+    @property
+    def train_recipe(self) -> str | None:
+        """The recipe when ``lowmem train`` runs it here (training, one replica per GPU; paged
+        optimizers need CUDA), else None (serving, ZeRO sharded over several GPUs)."""
+        s = self.estimate.setup
+        return self.recipe if s.mode != "inference" and not s.zero and s.optimizer != "paged-adamw8bit" else None
 
     @property
     def total(self) -> int:
@@ -86,35 +88,25 @@ class Option(est.PlanOption):
         return (self.estimate.setup.weights or "").endswith(est.EXPERTS_SUFFIX)
 
 
-def train_recipe(setup: Setup) -> str | None:
-    """The ``lowmem train --recipe`` of a training setup, or None if ``lowmem train`` cannot run it.
-
-    ``lowmem train`` runs one GPU (data-parallel copies are not its business), AdamW, and fp32 or
-    autocast (bf16/fp16) precision; it has no 8-bit optimizer, ZeRO or pure-bf16 recipe.
-    """
-    if setup.mode == "inference" or setup.optimizer != "adamw" or setup.zero or setup.precision == "bf16":
-        return None
-    precision = {"fp32": "fp32", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}[setup.precision]
-    return str(Recipe(mode=setup.mode, precision=precision, checkpointing=setup.checkpointing == "full"))
-
-
 def plan(budget: Budget) -> list[Option]:
     """``estimate.plan`` for ``budget``: the setups of its task, in its precisions, whose estimated
     peak per GPU fits; cheapest compute first (ties: least memory first)."""
     mode = "inference" if budget.task == "serve" else None
     options = est.plan(budget.model, budget.gpu_memory, mode=mode, batch=budget.batch, seq=budget.seq,
                        gpus=budget.gpus, precisions=budget.precisions)
-    return [Option(estimate=o.estimate, recipe=o.recipe, cost=o.cost, train_recipe=train_recipe(o.estimate.setup))
+    return [Option(estimate=o.estimate, recipe=o.recipe, cost=o.cost)
             for o in options if budget.task == "serve" or o.estimate.setup.mode != "inference"]
 
 
 def choose(budget: Budget, options: list[Option]) -> Option | None:
-    """The option to run. Training: the cheapest one ``lowmem train`` can run. Serving: the
+    """The option to run. Training: the cheapest one ``lowmem train`` can run, with plain AdamW
+    when that fits (8-bit moments change the optimizer's arithmetic: only when needed). Serving: the
     least-quantized weights that fit (most quality), replicas before a split model, then least memory."""
     if budget.task == "serve":
         return min(options, key=lambda o: (SERVING_FORMATS.index(o.estimate.setup.weights),
                                            o.estimate.setup.parallel != "data", o.total), default=None)
-    return next((o for o in options if o.train_recipe), None)
+    runnable = [o for o in options if o.train_recipe]
+    return next((o for o in runnable if o.estimate.setup.optimizer == "adamw"), runnable[0] if runnable else None)
 
 
 def naive(budget: Budget) -> est.Estimate:
@@ -173,13 +165,6 @@ def estimator_config(model: str) -> dict[str, Any]:
     return est.load_config(family.student_path(model) or model)
 
 
-def setup_for(recipe: str, batch: int, seq: int, lora_rank: int = 16, device: str = "cpu") -> Setup:
-    """The estimator's ``Setup`` of a ``lowmem train`` recipe (AdamW, the recipe's autocast)."""
-    r = Recipe.parse(recipe)
-    return Setup(mode=r.mode, precision=r.estimator_precision, batch=batch, seq=seq,
-                 checkpointing="full" if r.checkpointing else "none", lora_rank=lora_rank, device=device)
-
-
 def measure_recipe(model: str, recipe: str, data: str | Path, out: str | Path, batch: int = 8,
                    seq: int = 32, steps: int = 2) -> dict[str, int]:
     """Run ``recipe`` through ``lowmem_course.train`` and return its last step's measured components
@@ -225,7 +210,7 @@ def miniature(model: str, recipes: list[str], data: str | Path, workdir: str | P
     for recipe in dict.fromkeys([baseline, *recipes]):
         out = Path(workdir) / f"{model.replace(':', '_')}-{recipe}"
         measured[recipe] = measure_recipe(model, recipe, data, out, batch, seq)
-        predicted[recipe] = validate.predicted_components(est.estimate(fields, setup_for(recipe, batch, seq)))
+        predicted[recipe] = validate.predicted_components(est.estimate(fields, est.setup_of(recipe, batch=batch, seq=seq, device="cpu")))
     ratios = [Ratio(model=model, recipe=r, baseline=baseline,
                     predicted=predicted[r]["total"] / predicted[baseline]["total"],
                     measured=measured[r]["total"] / measured[baseline]["total"]) for r in recipes]

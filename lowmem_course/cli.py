@@ -1,10 +1,13 @@
 """The ``lowmem`` command: estimate a setup, plan what fits, validate the estimator here.
 
-    lowmem estimate r1-distill-qwen-7b --mode lora --seq 4096 --json
+    lowmem estimate r1-distill-qwen-7b --recipe lora+bf16-mixed --seq 4096 --json
     lowmem plan r1-distill-qwen-7b --gpu-memory 24GiB
     lowmem plan r1-distill-qwen-1.5b --gpu-memory 15GiB --precisions fp16-mixed,fp32   # a T4: no bf16
     lowmem validate
-    lowmem train --model student-qwen2 --recipe qlora+checkpointing+bf16 --data d.jsonl --out runs/q
+    lowmem train --model student-qwen2 --recipe qlora+bf16-mixed+checkpointing --data d.jsonl --out runs/q
+
+A recipe (``lowmem_course.recipe``) names every memory choice of a run; ``plan`` prints recipes
+with the command that runs each, ``estimate --recipe`` and ``train --recipe`` read them.
     lowmem doctor
 
 ``train`` and ``doctor`` hand their arguments to ``lowmem_course.train`` and ``lowmem_course.doctor``.
@@ -22,11 +25,13 @@ from collections.abc import Sequence
 
 from lowmem_course import estimate as est
 from lowmem_course.cmdline import Parser, one_line, positive_int, printable
+from lowmem_course.recipe import Recipe
 from lowmem_course.units import GiB, parse_bytes
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "total")
+DEFAULT_RECIPE = "full+bf16-mixed"  # what ``lowmem estimate`` assumes without --recipe
 FORWARDED_HELP = {  # subcommands with their own parser: `lowmem train --help` shows theirs
-    "train": "train with a memory recipe (full, lora, qlora, +checkpointing, +bf16), resumable",
+    "train": "train with a recipe (e.g. qlora+bf16-mixed+checkpointing, as lowmem plan prints), resumable",
     "doctor": "check this machine for the course: versions, device, bf16, memory, students",
 }
 
@@ -40,34 +45,38 @@ def _memory(text: str) -> int:
 
 def _precisions(text: str) -> tuple[str, ...]:
     try:
-        return est._check_precisions(p.strip() for p in text.split(","))
+        return est.check_precisions(p.strip() for p in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _recipe(text: str) -> Recipe:
+    try:
+        return Recipe.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("model", help="family name (r1-distill-qwen-7b), Hub id, config.json or model directory")
-    p.add_argument("--mode", choices=est.MODES, default=None if plan else "full")
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--seq", type=positive_int, default=1024)
-    p.add_argument("--gpus", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences per GPU (default 1)")
+    p.add_argument("--seq", type=positive_int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--gpus", type=positive_int, default=None, help="GPUs (default: 1, or N for a tpN recipe)")
+    p.add_argument("--device", choices=est.DEVICES, default="cuda",
+                   help="whose attention kernels set the peak: cuda (default) or cpu (predicting a run here)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     if plan:
+        p.add_argument("--mode", choices=est.MODES, default=None, help="only recipes of this mode")
         p.add_argument("--gpu-memory", type=_memory, required=True, help="memory per GPU: 24GiB, 24GB, 24000MB")
         p.add_argument("--precisions", type=_precisions, default=est.DEFAULT_PRECISIONS,
                        help="comma-separated precisions to try (default bf16-mixed,bf16; "
                             "a GPU without bf16 such as a T4: fp16-mixed,fp32)")
         return
-    p.add_argument("--precision", choices=est.PRECISIONS, default="bf16-mixed")
-    p.add_argument("--optimizer", choices=est.OPTIMIZERS, default="adamw")
-    p.add_argument("--checkpointing", choices=est.CHECKPOINTING, default="none")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0)
+    p.add_argument("--recipe", type=_recipe, default=Recipe.parse(DEFAULT_RECIPE),
+                   help=f"the run's memory choices, e.g. qlora+bf16-mixed+checkpointing (default {DEFAULT_RECIPE}); "
+                        "the recipes lowmem plan prints")
     p.add_argument("--lora-rank", type=positive_int, default=16)
-    p.add_argument("--weights", choices=est.WEIGHT_FORMATS, default=None,
-                   help="storage of the frozen base weights (default: the precision's; nf4-dq for qlora)")
     p.add_argument("--attention", choices=est.ATTENTION, default="sdpa")
-    p.add_argument("--parallel", choices=est.PARALLEL, default="data",
-                   help="inference on several GPUs: replicas (data) or one model split over them (tensor)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,10 +102,8 @@ def format_estimate(e: est.Estimate) -> str:
     s = e.setup
     rows = [f"{printable(e.model)}: {e.parameters / 1e9:.2f}B parameters ({e.active_parameters / 1e9:.2f}B active), "
             f"{e.trainable_parameters / 1e9:.3f}B trainable",
-            f"{s.mode}, {s.precision}, batch {s.batch} x seq {s.seq}, {s.gpus} GPU(s)"
-            + (f", {s.optimizer}, checkpointing {s.checkpointing}, ZeRO {s.zero}" if s.mode != "inference" else "")
-            + (f", LoRA rank {s.lora_rank}" if s.mode in ("lora", "qlora") else "")
-            + (", split over the GPUs (tensor parallel)" if s.parallel == "tensor" else ""),
+            f"recipe {e.recipe}: batch {s.batch} x seq {s.seq}, {s.gpus} GPU(s)"
+            + (f", LoRA rank {s.lora_rank}" if s.mode in ("lora", "qlora") else "") + f", {s.device} kernels",
             f"{'component':<12} {'GiB/GPU':>9}"]
     rows += [f"{k:<12} {_gib(e.bytes[k])}" for k in COMPONENTS]
     rows.append(f"(peak during {e.peak_phase})")
@@ -104,10 +111,8 @@ def format_estimate(e: est.Estimate) -> str:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    setup = est.Setup(mode=args.mode, precision=args.precision, optimizer=args.optimizer, batch=args.batch,
-                      seq=args.seq, checkpointing=args.checkpointing, gpus=args.gpus, zero=args.zero,
-                      lora_rank=args.lora_rank, weights=args.weights, attention=args.attention,
-                      parallel=args.parallel)
+    setup = est.setup_of(args.recipe, batch=args.batch, seq=args.seq, gpus=args.gpus, lora_rank=args.lora_rank,
+                         attention=args.attention, device=args.device)
     e = est.estimate(args.model, setup)
     print(json.dumps(e.to_dict()) if args.json else format_estimate(e))
     return 0
@@ -115,11 +120,11 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     fields = est.load_config(args.model)
-    options = est.plan(fields, args.gpu_memory, mode=args.mode, batch=args.batch, seq=args.seq, gpus=args.gpus,
-                       precisions=args.precisions)
+    options = est.plan(fields, args.gpu_memory, mode=args.mode, batch=args.batch, seq=args.seq, gpus=args.gpus or 1,
+                       precisions=args.precisions, device=args.device)
     if args.json:
         print(json.dumps({"model": fields.get("name_or_path"), "gpu_memory": args.gpu_memory,
-                          "fits": [o.to_dict() for o in options]}))
+                          "fits": [{**o.to_dict(), "command": o.command(args.model)} for o in options]}))
         return 0 if options else 1
     if not options:
         print(f"nothing fits in {args.gpu_memory / GiB:.1f} GiB per GPU: "
@@ -144,7 +149,8 @@ def _validate(args: argparse.Namespace) -> int:
         items = [(n, s) for n, s in items if s.seq == 128]
     rows = validate.run_grid(device, items)
     if args.json:
-        print(json.dumps([{"model": c.model, "setup": c.setup.__dict__, "predicted": c.predicted,
+        print(json.dumps([{"model": c.model, "recipe": str(est.recipe_of(c.setup)), "setup": c.setup.__dict__,
+                           "predicted": c.predicted,
                            "measured": c.measured, "error": c.error()} for c in rows]))
     else:
         print(f"estimator vs measurement on {device} (MiB; error = predicted/measured - 1)")

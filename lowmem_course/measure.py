@@ -26,7 +26,8 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRef
 from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
-from lowmem_course import family, optimizers, steps
+from lowmem_course import family, steps
+from lowmem_course.optimizers import OptimizerName, make_optimizer  # measure.make_optimizer: the one factory
 from lowmem_course.units import format_bytes
 
 # MemTracker's categories, renamed to the course's words.
@@ -165,7 +166,7 @@ def storage_bytes(*tensors: torch.Tensor, counted: set[tuple[str, int]] | None =
     counts its arrays (COO: values and indices; CSR/BSR: values, row pointers and column indices;
     CSC/BSC likewise), a DTensor the local shard this rank holds. ``counted`` (updated in place)
     holds the storages counted by earlier calls, which are not counted again: several calls then
-    split one total, as ``quantize.storage_by_role`` does.
+    split one total, as ``quantize.storage_bytes`` does.
     """
     counted = set() if counted is None else counted
     total = 0
@@ -205,7 +206,7 @@ def measure_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def simulate(cfg: PretrainedConfig, mode: Literal["train", "inference"] = "train", batch: int = 1, seq: int = 1024,
-             dtype: torch.dtype = torch.float32, optimizer: optimizers.OptimizerName = "adamw",
+             dtype: torch.dtype = torch.float32, optimizer: OptimizerName = "adamw",
              autocast_dtype: torch.dtype | None = None, label: str = "") -> Measurement:
     """Measure a real step of ``cfg`` at full size without allocating it.
 
@@ -232,5 +233,5 @@ def simulate(cfg: PretrainedConfig, mode: Literal["train", "inference"] = "train
                 cache = steps.prefill_step(model, input_ids)
                 del cache
             return measurement
-        opt = optimizers.make_optimizer(model, optimizer)
+        opt = make_optimizer(model, optimizer)
         return measure_train_step(model, opt, input_ids, autocast_dtype=autocast_dtype, label=label)

@@ -11,12 +11,12 @@ Every optimizer covers the model's trainable parameters only (a LoRA model's ada
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
-OptimizerName = Literal["adamw", "adamw8bit", "paged-adamw8bit", "sgd", "sgd-momentum"]
-OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+from lowmem_course.recipe import OPTIMIZERS, OptimizerName
+
 MIN_8BIT_SIZE = 4096  # elements: bitsandbytes keeps the state of smaller tensors in fp32
 
 

@@ -19,8 +19,9 @@ from typing import Literal, get_args
 
 import torch
 
-Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]  # the estimator's names for the ladder
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]  # the recipes' names for the training ladder
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights stored in 16/32 bits, by name
 
 
 def bf16_supported(device: str | torch.device) -> bool:

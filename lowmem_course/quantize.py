@@ -32,7 +32,7 @@ from transformers import BitsAndBytesConfig
 
 from lowmem_course import family, measure
 
-Format = Literal["int8", "fp4", "nf4", "nf4-dq"]
+Format = Literal["int8", "fp4", "nf4", "nf4-dq", "fp4-dq"]
 FORMATS: tuple[str, ...] = get_args(Format)
 FUSED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # transformers 5's 3-D MoE expert parameters
 
@@ -165,7 +165,7 @@ def _expert_states(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Qua
     return getattr(module, "_lowmem_4bit", {})
 
 
-def storage_by_role(model: torch.nn.Module) -> StorageBytes:
+def storage_bytes(model: torch.nn.Module) -> StorageBytes:
     """Measure the bytes of ``model``'s weights from its real buffers, by role (see ``StorageBytes``).
 
     ``measure.storage_bytes`` counts each storage once, in the first role that claims it.

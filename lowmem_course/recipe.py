@@ -1,45 +1,171 @@
-"""Recipes: the techniques of one training run, written as ``qlora+checkpointing+bf16``.
+"""Recipes: every memory choice of one run, written as ``qlora+bf16-mixed+checkpointing``.
 
-A recipe names a mode (``full``, ``lora`` or ``qlora``), optionally ``checkpointing``, and optionally
-a mixed precision (``bf16`` or ``fp16``; fp32 when absent), joined by ``+`` in any order. It is the
-shared language of ``lowmem plan`` (which recommends one) and ``lowmem train`` (which runs one).
-Light on purpose: no torch import.
+The one language of ``lowmem plan`` (which prints recipes), ``lowmem estimate --recipe`` and
+``lowmem train --recipe`` (which read them). A recipe is ``+``-joined tokens, in any order on input
+and in this order on output:
+
+=================  ============================================================================
+mode (one)         ``full`` fine-tuning, ``lora``, ``qlora`` (LoRA on a 4-bit base) or ``inference``
+precision          ``fp32`` (no autocast; the default), ``bf16-mixed`` / ``fp16-mixed`` (autocast
+                   over fp32 master weights, or over a 16-bit frozen LoRA base), ``bf16`` (pure:
+                   the weights themselves in bf16), ``fp16`` (pure, inference only)
+base weights       ``int8``, ``nf4``, ``fp4``, ``nf4-dq``, ``fp4-dq``: the frozen base stored quantized
+                   (``qlora`` alone means ``nf4-dq``; inference: any); ``experts``: the routed MoE
+                   experts quantized too (inference)
+checkpointing      ``checkpointing``: every decoder layer recomputed in backward
+optimizer          ``adamw`` (the default), ``adamw8bit``, ``paged-adamw8bit`` (CUDA), ``sgd``,
+                   ``sgd-momentum``
+sharding           ``zero1`` / ``zero2`` / ``zero3`` (full fine-tuning over several GPUs),
+                   ``tpN`` (inference: one model split over N GPUs)
+=================  ============================================================================
+
+Light on purpose: no torch import, so the estimator answers in milliseconds.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-MODES = ("full", "lora", "qlora")
-PRECISIONS = ("fp32", "bf16", "fp16")
+Mode = Literal["full", "lora", "qlora", "inference"]
+MODES: tuple[str, ...] = ("full", "lora", "qlora", "inference")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
+WEIGHTS: tuple[str, ...] = ("int8", "nf4", "fp4", "nf4-dq", "fp4-dq")  # quantized storage of a frozen base
+FOUR_BIT: tuple[str, ...] = ("nf4", "fp4", "nf4-dq", "fp4-dq")
+OptimizerName = Literal["adamw", "adamw8bit", "paged-adamw8bit", "sgd", "sgd-momentum"]  # optimizers.make_optimizer's
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+CHECKPOINTING, EXPERTS = "checkpointing", "experts"
+QLORA_WEIGHTS = "nf4-dq"  # QLoRA's base: NF4 with double quantization (Dettmers et al., 2023)
+_ZERO = re.compile(r"zero([123])")
+_TP = re.compile(r"tp([1-9][0-9]*)")
+KNOWN = (f"{'/'.join(MODES)}; {'/'.join(PRECISIONS)}; {'/'.join(WEIGHTS)}, {EXPERTS}; {CHECKPOINTING}; "
+         f"{'/'.join(OPTIMIZERS)}; zero1/zero2/zero3, tpN")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read, or whose choices do not go together (one line)."""
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A parsed recipe."""
+    """Every memory choice of one run; ``Recipe.parse(text)`` reads one, ``str(recipe)`` writes it back."""
 
-    mode: str = "full"
-    precision: str = "fp32"  # autocast dtype of the forward pass; "fp32" means no autocast
+    mode: Mode = "full"
+    precision: str = "fp32"
+    optimizer: OptimizerName = "adamw"
     checkpointing: bool = False
+    zero: int = 0  # ZeRO stage (full fine-tuning sharded over several GPUs)
+    tensor_parallel: int = 1  # GPUs one served model is split over (inference)
+    weights: str | None = None  # quantized storage of the frozen base; None: 16/32-bit (qlora: nf4-dq)
+    experts: bool = False  # the routed MoE experts stored in ``weights`` as well (inference)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                raise RecipeError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise RecipeError(f"unknown base weights {self.weights!r}: choose one of {', '.join(WEIGHTS)}")
+        inference = self.mode == "inference"
+        if inference and self.precision not in ("fp32", "bf16", "fp16"):
+            raise RecipeError(f"inference runs in fp32, bf16 or fp16, not {self.precision}: autocast is for training")
+        if not inference and self.precision == "fp16":
+            raise RecipeError("pure fp16 training overflows and underflows: write fp16-mixed (autocast with a loss scaler)")
+        if self.mode in ("lora", "qlora") and self.precision == "bf16":
+            raise RecipeError(f"{self.mode} trains fp32 adapters: write {self.mode}+bf16-mixed for a bf16 base and "
+                              "bf16 autocast (pure bf16 is for full fine-tuning)")
+        if inference and (self.checkpointing or self.optimizer != "adamw" or self.zero):
+            raise RecipeError("inference has no backward pass: no checkpointing, optimizer or ZeRO")
+        if self.weights and self.mode in ("full", "lora"):
+            raise RecipeError(f"{self.mode} trains a 16/32-bit model: a quantized base ({self.weights}) is qlora")
+        if self.experts and not (inference and self.weights in FOUR_BIT):
+            raise RecipeError("experts (routed experts in 4 bits) goes with inference and a 4-bit format, e.g. "
+                              "inference+bf16+nf4-dq+experts")
+        if self.zero and self.mode != "full":
+            raise RecipeError(f"ZeRO shards full fine-tuning's states; {self.mode} is not sharded here")
+        if self.tensor_parallel > 1 and not inference:
+            raise RecipeError("tensor parallelism (tpN) is modelled for inference only")
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
-        """Read ``"qlora+checkpointing+bf16"``; ``ValueError`` names the part it cannot read."""
-        parts = [p.strip().lower() for p in text.split("+") if p.strip()]
-        modes = [p for p in parts if p in MODES]
-        precisions = [p for p in parts if p in PRECISIONS]
-        unknown = [p for p in parts if p not in (*MODES, *PRECISIONS, "checkpointing")]
-        if unknown or len(modes) != 1 or len(precisions) > 1 or len(parts) != len(set(parts)):
-            raise ValueError(f"cannot read recipe {text!r}: write one of {'/'.join(MODES)}, then optionally "
-                             f"+checkpointing and +{'/+'.join(PRECISIONS[1:])}, e.g. qlora+checkpointing+bf16")
-        return cls(mode=modes[0], precision=precisions[0] if precisions else "fp32",
-                   checkpointing="checkpointing" in parts)
+        """Read a recipe such as ``"qlora+bf16-mixed+checkpointing"``; ``RecipeError`` (one line) names
+        the token it cannot read, or the choices that do not go together."""
+        tokens = [t.strip().lower() for t in str(text).split("+")]
+        if not any(tokens):
+            raise RecipeError(f"empty recipe: write tokens joined by '+', e.g. qlora+bf16-mixed+checkpointing ({KNOWN})")
+        fields: dict[str, object] = {}
+
+        def put(name: str, value: object, token: str) -> None:
+            if name in fields:
+                raise RecipeError(f"recipe {text!r} names its {name} twice ({token!r})")
+            fields[name] = value
+
+        for token in tokens:
+            zero, tp = _ZERO.fullmatch(token), _TP.fullmatch(token)
+            if token in MODES:
+                put("mode", token, token)
+            elif token in PRECISIONS:
+                put("precision", token, token)
+            elif token in WEIGHTS:
+                put("weights", token, token)
+            elif token in OPTIMIZERS:
+                put("optimizer", token, token)
+            elif token == CHECKPOINTING:
+                put("checkpointing", True, token)
+            elif token == EXPERTS:
+                put("experts", True, token)
+            elif zero:
+                put("zero", int(zero.group(1)), token)
+            elif tp:
+                put("tensor_parallel", int(tp.group(1)), token)
+            else:
+                raise RecipeError(f"unknown token {token!r} in recipe {text!r}: known tokens are {KNOWN}")
+        if "mode" not in fields:
+            raise RecipeError(f"recipe {text!r} names no mode: start it with {', '.join(MODES)}")
+        return cls(**fields)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
-        parts = [self.mode] + (["checkpointing"] if self.checkpointing else [])
-        return "+".join(parts + ([self.precision] if self.precision != "fp32" else []))
+        parts = [self.mode, self.precision]
+        if self.weights and not (self.mode == "qlora" and self.weights == QLORA_WEIGHTS):
+            parts.append(self.weights)
+        parts += [EXPERTS] * self.experts + [CHECKPOINTING] * self.checkpointing
+        if self.optimizer != "adamw":
+            parts.append(self.optimizer)
+        if self.zero:
+            parts.append(f"zero{self.zero}")
+        if self.tensor_parallel > 1:
+            parts.append(f"tp{self.tensor_parallel}")
+        return "+".join(parts)
 
     @property
-    def estimator_precision(self) -> str:
-        """The estimator's name for this precision ("fp32", "bf16-mixed" or "fp16-mixed")."""
-        return self.precision if self.precision == "fp32" else f"{self.precision}-mixed"
+    def base_weights(self) -> str:
+        """The format the model's weights are stored in (``base_weights``)."""
+        return base_weights(self.mode, self.precision, self.weights)
+
+    @property
+    def autocast(self) -> str | None:
+        """The autocast dtype of the forward pass ("bf16" or "fp16"), None without autocast."""
+        return {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(self.precision)
+
+    @property
+    def gpus_needed(self) -> int:
+        """The fewest GPUs the recipe runs on: ``tpN`` needs N; ZeRO is meaningless on fewer than 2."""
+        return max(self.tensor_parallel, 2 if self.zero else 1)
+
+
+def base_weights(mode: str, precision: str, weights: str | None = None) -> str:
+    """The one answer to "in which format are the model's weights stored?", for the estimator and
+    for ``lowmem train`` alike.
+
+    Full fine-tuning: the trainable weights, fp32 master weights unless pure bf16. QLoRA: its
+    quantized base (``nf4-dq`` unless named). A named quantized format otherwise. LoRA and inference:
+    the 16-bit dtype of the precision (bf16 for bf16-mixed or bf16, fp16 for fp16-mixed or fp16),
+    fp32 for fp32. Quantized formats name the linear maps; the rest of the model stays 16-bit.
+    """
+    if mode == "qlora":
+        return weights or QLORA_WEIGHTS
+    if weights:
+        return weights
+    if mode == "full":
+        return "bf16" if precision == "bf16" else "fp32"
+    return {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16", "fp16": "fp16"}[precision]

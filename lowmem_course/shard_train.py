@@ -52,7 +52,7 @@ from lowmem_course import family, measure, optimizers, steps
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3-bf16", "zero3-offload", "qlora", "qlora-uint8")
 META_FILE = "lowmem_shard_meta.json"  # written beside every checkpoint: which model it belongs to
-LR = 1e-3  # AdamW's, torch's default multi-tensor kernel (fused=False) as these runs have always used
+LR = 1e-3  # AdamW's learning rate in every run here
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -112,6 +112,12 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
     return model
 
 
+def make_optimizer(model: torch.nn.Module, strategy: str) -> torch.optim.Optimizer:
+    """AdamW at ``LR`` over ``model`` (torch's default kernel, ``fused=False``, as these runs always used);
+    for ``zero1`` wrapped in ``ZeroRedundancyOptimizer`` (each rank keeps 1/N of the state)."""
+    return optimizers.make_optimizer(model, "adamw", LR, zero=strategy == "zero1", fused=False)
+
+
 def batch_for(step: int, rank: int, vocab: int, batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """The batch rank ``rank`` trains on at ``step``: the same on every run, so runs can be compared bitwise."""
     return steps.random_batch(vocab, batch, seq, device=device, seed=10_000 * step + rank)
@@ -125,7 +131,7 @@ def measure_strategy(cfg, strategy: str, args: argparse.Namespace, device: torch
     else:
         built = family.build(cfg, device=device, seed=args.seed)
     model = wrap(built, strategy, device)
-    opt = optimizers.make_optimizer(model, "adamw", LR, zero=strategy == "zero1", fused=False)  # zero1: ZeRO-1
+    opt = make_optimizer(model, strategy)
     losses = []
     for step in range(2):  # warm-up: the optimizer state exists from here on, as in a real run
         ids = batch_for(step, rank, cfg.vocab_size, args.batch, args.seq, device)
@@ -184,7 +190,7 @@ def train(cfg, args: argparse.Namespace, device: torch.device, ckpt_dir: Path | 
     """
     rank = dist.get_rank()
     model = wrap(family.build(cfg, device=device, seed=args.seed), "zero3", device)
-    opt = optimizers.make_optimizer(model, "adamw", LR, fused=False)
+    opt = make_optimizer(model, "zero3")
     start = 0
     if resume:
         path, start = latest_checkpoint(ckpt_dir, cfg)

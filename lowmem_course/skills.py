@@ -57,6 +57,10 @@ class SkillConfig:
     checkpointing: bool = True
     seed: int = 0
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of ``step`` (0-based): ``steps.warmup_cosine`` with this recipe's lr, warmup and floor."""
+        return steps.warmup_cosine(self.lr, self.warmup, self.steps, self.min_lr_ratio)(step)
+
 
 def skill_batches(cfg: SkillConfig) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """``batches(step)``: ``cfg.batch_size`` training-split ``cfg.task`` problems, fresh and seeded per step.
@@ -88,7 +92,7 @@ def teach(cfg: SkillConfig, device: str | torch.device = "cpu", progress: bool =
     # torch's default AdamW kernel (not the fused one), as the shipped adapter was trained: bit for bit
     optimizer = optimizers.make_optimizer(model, "adamw", cfg.lr, fused=False)
     losses = steps.train_loop(model, optimizer, batches or skill_batches(cfg), cfg.steps,
-                              schedule=steps.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio),
+                              schedule=cfg.learning_rate,
                               grad_clip=cfg.grad_clip, progress=progress, desc="train adapters")
     return model, reasoning.make_tokenizer(), losses
 

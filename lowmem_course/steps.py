@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from lowmem_course import precision
+
 IGNORE_INDEX = -100  # label of positions that carry no loss (Hugging Face's convention)
 Batch = tuple[torch.Tensor, ...]  # (input_ids, labels) or (input_ids, labels, attention_mask), batch x tokens
 
@@ -49,12 +51,6 @@ def pad_right(rows: Sequence[tuple[Sequence[int], Sequence[int]]], tokenizer: An
     return encoded["input_ids"], labels, encoded["attention_mask"]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
@@ -78,7 +74,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_i
         raise ValueError(f"accumulate must be in 1..{input_ids.shape[0]} (the batch size), got {accumulate}")
     labels = input_ids if labels is None else labels
     if accumulate == 1:
-        with _autocast(input_ids.device, autocast_dtype):
+        with precision.autocast(input_ids.device, autocast_dtype or torch.float32):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         (loss if scaler is None else scaler.scale(loss)).backward()
     else:
@@ -86,7 +82,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_i
         masks = [None] * accumulate if attention_mask is None else attention_mask.tensor_split(accumulate)
         loss = torch.zeros((), device=input_ids.device)
         for ids, micro_labels, mask in zip(input_ids.tensor_split(accumulate), labels.tensor_split(accumulate), masks):
-            with _autocast(input_ids.device, autocast_dtype):
+            with precision.autocast(input_ids.device, autocast_dtype or torch.float32):
                 part = model(input_ids=ids, attention_mask=mask, labels=micro_labels, num_items_in_batch=targets).loss
             (part if scaler is None else scaler.scale(part)).backward()
             loss += part.detach()
@@ -136,8 +132,10 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     ``progress`` shows a tqdm bar labelled ``desc``. The model trains in train mode and is left in
     eval mode.
     """
-    if steps <= 0 or not 0 <= start <= steps:
-        raise ValueError(f"need steps > 0 and 0 <= start <= steps, got steps={steps}, start={start}")
+    if steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if not 0 <= start <= steps:
+        raise ValueError(f"start must be in 0..{steps} (steps), got {start}")
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device

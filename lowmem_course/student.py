@@ -99,6 +99,11 @@ def make_batch(problems: list[Problem], tok: PreTrainedTokenizerBase) -> tuple[t
     return input_ids, labels
 
 
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of ``step`` (0-based): ``steps.warmup_cosine`` with the config's lr, warmup and floor."""
+    return steps.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)(step)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[tuple[int, float]]]:
     """Train a student from scratch on fresh training-split problems every step (``steps.train_loop``).
 
@@ -125,7 +130,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, Pre
             tqdm.write(f"step {step + 1:5d}  loss {log[-1][1]:.4f}")
 
     steps.train_loop(model, optimizer, lambda step: make_batch(sample(cfg.batch_size, seed=seeds[step], split="train"), tok),
-                     cfg.steps, schedule=steps.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio),
+                     cfg.steps, schedule=lambda step: learning_rate(step, cfg),
                      grad_clip=cfg.grad_clip, on_step=record, progress=progress, desc=f"train {cfg.arch}")
     return model, tok, log
 

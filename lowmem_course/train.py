@@ -1,6 +1,6 @@
 """One training command for every recipe: full, LoRA or QLoRA, with checkpointing and mixed precision.
 
-    python -m lowmem_course.train --model student-qwen2 --recipe qlora+checkpointing+bf16 \\
+    python -m lowmem_course.train --model student-qwen2 --recipe qlora+bf16-mixed+checkpointing \\
         --data data.jsonl --out runs/qlora --steps 200
 
 ``--model`` is a family Hub id (``deepseek-ai/DeepSeek-R1-Distill-Qwen-7B``), a local
@@ -177,20 +177,34 @@ def load_model(name: str, recipe: Recipe, lora_rank: int, seed: int = 0) -> torc
 def _with_recipe(path: Path, recipe: Recipe, lora_rank: int, seed: int) -> torch.nn.Module:
     from lowmem_course import quantize
 
-    # The base is loaded in the recipe's dtype, never the checkpoint's (Hub checkpoints are bf16):
-    # full fine-tuning keeps fp32 master weights; a frozen LoRA base is 16-bit under bf16/fp16;
-    # QLoRA stores it in NF4 with double quantization and computes in 16 bits.
-    half = torch.float16 if recipe.precision == "fp16" else torch.bfloat16
+    # The base is loaded in the recipe's format (``recipe.base_weights``, as the estimator assumes),
+    # never the checkpoint's (Hub checkpoints are bf16): fp32 master weights for full fine-tuning
+    # (bf16 when pure bf16), a 16-bit frozen LoRA base under autocast, QLoRA's quantized base
+    # computing in 16 bits.
+    fmt = recipe.base_weights
     if recipe.mode == "qlora":
-        model = quantize.load_quantized(path, "nf4-dq", device=family.get_device(), dtype=half)
+        half = torch.float16 if recipe.autocast == "fp16" else torch.bfloat16
+        model = quantize.load_quantized(path, fmt, device=family.get_device(), dtype=half)
     else:
-        frozen_half = recipe.mode == "lora" and recipe.precision != "fp32"
-        model = family.load(path, dtype=half if frozen_half else torch.float32).to(family.get_device())
+        model = family.load(path, dtype=precision.DTYPES[fmt]).to(family.get_device())
     if recipe.mode == "full":
         if recipe.checkpointing:
             model.activation_checkpointing_enable()
         return model
     return quantize.add_lora(model, rank=lora_rank, alpha=2 * lora_rank, checkpointing=recipe.checkpointing, seed=seed)
+
+
+def trainable(recipe: Recipe) -> Recipe:
+    """``recipe`` if this command can run it here, else ``TrainError`` saying why (one line)."""
+    if recipe.mode == "inference":
+        raise TrainError(f"{recipe} is an inference recipe: lowmem train trains (lowmem estimate predicts serving)")
+    if recipe.gpus_needed > 1:
+        raise TrainError(f"{recipe} shards over {recipe.gpus_needed}+ GPUs: lowmem train runs one process "
+                         "(estimate it with lowmem estimate --recipe ... --gpus N)")
+    if recipe.optimizer == "paged-adamw8bit" and family.get_device().type != "cuda":
+        raise TrainError(f"{recipe}: paged optimizers page CUDA memory to the host and need a CUDA GPU; "
+                         "adamw8bit holds the same bytes without paging")
+    return recipe
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -450,7 +464,7 @@ def train(args: argparse.Namespace) -> dict:
     name and tokenizer (with the examples encoded), a checkpoint to resume, then the model itself.
     Problems raise ``TrainError``, ``ValueError`` or ``OSError`` with a one-line message.
     """
-    recipe = Recipe.parse(args.recipe)
+    recipe = trainable(Recipe.parse(args.recipe))
     out = Path(args.out)
     check_out(out, args.resume, args.overwrite)
     examples = read_examples(Path(args.data))
@@ -462,8 +476,8 @@ def train(args: argparse.Namespace) -> dict:
             resumed = checkpoint_to_resume(out, fingerprint, args.steps) if args.resume else None
             torch.manual_seed(args.seed)
             model = load_model(args.model, recipe, args.lora_rank, args.seed)
-            optimizer = optimizers.make_optimizer(model, "adamw", args.lr)
-            scaler = precision.make_scaler(model.device, precision.compute_dtype(recipe.estimator_precision))
+            optimizer = optimizers.make_optimizer(model, recipe.optimizer, args.lr)
+            scaler = precision.make_scaler(model.device, precision.compute_dtype(recipe.precision))
             if resumed:
                 start = restore_checkpoint(out, *resumed, model, optimizer, scaler)
             else:
@@ -511,7 +525,7 @@ def _steps(args: argparse.Namespace, recipe: Recipe, out: Path, model, tokenizer
     with (out / LOG).open("a") as log:
         steps.train_loop(model, optimizer, lambda step: batch_for_step(rows, step, args.batch, args.seed, tokenizer),
                          args.steps, start=start, on_step=after, around_step=measured,
-                         autocast_dtype=precision.compute_dtype(recipe.estimator_precision), scaler=scaler,
+                         autocast_dtype=precision.compute_dtype(recipe.precision), scaler=scaler,
                          progress=not args.no_progress, desc=f"train {recipe}")
     final = out / ("adapter" if recipe.mode != "full" else "model")
     if recipe.mode == "full":
@@ -532,7 +546,8 @@ def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m lowmem_course.train`` (and ``lowmem train``)."""
     p = Parser(prog="lowmem train", description="Train with a memory recipe.")
     p.add_argument("--model", required=True, help="Hub id, local directory, student-qwen2 or tiny:<member>")
-    p.add_argument("--recipe", required=True, help="e.g. full, lora+bf16, qlora+checkpointing+bf16")
+    p.add_argument("--recipe", required=True, help="the run's memory choices as lowmem plan prints them, e.g. "
+                   "full+bf16-mixed, lora+fp16-mixed, qlora+bf16-mixed+checkpointing+adamw8bit")
     p.add_argument("--data", required=True, help="JSON lines of {\"prompt\": ..., \"response\": ...}")
     p.add_argument("--out", required=True, help="the run folder (checkpoint, log, adapters); created if needed")
     p.add_argument("--steps", type=positive_int, default=100)

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from lowmem_course import family, measure, steps
+from lowmem_course import family, measure, precision, steps
 from lowmem_course.estimate import Estimate, Setup, estimate, lora_targets, shape_of
+from lowmem_course.recipe import base_weights
 from lowmem_course.units import MiB
 
 TOLERANCE = 0.05  # on the total
@@ -35,12 +36,10 @@ def _autocast_dtype(setup: Setup) -> torch.dtype | None:
 
 
 def build_for(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of ``setup``: fp32 or bf16 parameters, checkpointing on, LoRA adapters attached."""
+    """The model of ``setup``: its weights as ``recipe.base_weights`` says, checkpointing on, LoRA adapters attached."""
     if setup.mode in ("qlora", "inference") and setup.weights not in (None, "fp32", "bf16", "fp16"):
         raise ValueError(f"measuring {setup.weights} weights needs bitsandbytes on CUDA; not run here")
-    full_dtype = torch.float32 if setup.precision in ("fp32", "bf16-mixed", "fp16-mixed") else torch.bfloat16
-    base_dtype = torch.float32 if setup.precision == "fp32" else torch.bfloat16
-    dtype = full_dtype if setup.mode == "full" else base_dtype
+    dtype = precision.DTYPES[base_weights(setup.mode, setup.precision)]
     cfg = copy.deepcopy(cfg)
     cfg._attn_implementation = setup.attention
     model = family.build(cfg, device=device, dtype=dtype)

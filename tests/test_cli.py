@@ -17,7 +17,10 @@ KEYS = {"weights", "gradients", "optimizer", "activations", "kv_cache", "total"}
 
 
 def run(capsys, *argv):
-    code = cli.main(list(argv))
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_info:  # argparse's usage errors
+        code = exit_info.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -31,20 +34,37 @@ def test_estimate_json_contract(capsys):
     assert data["bytes"] == estimate("r1", Setup()).bytes
 
 
-def test_estimate_flags_reach_the_setup(capsys):
-    argv = ["estimate", "r1-distill-qwen-7b", "--mode", "lora", "--precision", "bf16", "--optimizer", "sgd",
-            "--batch", "2", "--seq", "512", "--checkpointing", "full", "--gpus", "4", "--zero", "2",
-            "--lora-rank", "8", "--json"]
+def test_estimate_recipe_and_flags_reach_the_setup(capsys):
+    argv = ["estimate", "r1-distill-qwen-7b", "--recipe", "full+bf16-mixed+checkpointing+sgd+zero2",
+            "--batch", "2", "--seq", "512", "--gpus", "4", "--lora-rank", "8", "--device", "cpu", "--json"]
     code, out, _ = run(capsys, *argv)
-    setup = Setup(mode="lora", precision="bf16", optimizer="sgd", batch=2, seq=512, checkpointing="full",
-                  gpus=4, zero=2, lora_rank=8)
+    setup = Setup(mode="full", precision="bf16-mixed", optimizer="sgd", batch=2, seq=512, checkpointing="full",
+                  gpus=4, zero=2, lora_rank=8, device="cpu")
     assert code == 0
-    assert json.loads(out)["bytes"] == estimate("r1-distill-qwen-7b", setup).bytes
+    data = json.loads(out)
+    assert data["bytes"] == estimate("r1-distill-qwen-7b", setup).bytes
+    assert data["recipe"] == "full+bf16-mixed+checkpointing+sgd+zero2" and data["setup"] == setup.__dict__
+
+
+def test_recipes_read_in_any_order_and_print_in_one(capsys):
+    for text in ("checkpointing+qlora+bf16-mixed", "QLoRA + bf16-mixed + checkpointing"):
+        code, out, _ = run(capsys, "estimate", "r1-distill-qwen-7b", "--recipe", text, "--json")
+        assert code == 0 and json.loads(out)["recipe"] == "qlora+bf16-mixed+checkpointing"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("lora+turbo", "unknown token 'turbo'"), ("bf16-mixed", "names no mode"), ("lora+qlora", "names its mode twice"),
+    ("lora+bf16", "lora trains fp32 adapters"), ("inference+bf16-mixed", "autocast is for training"),
+    ("full+nf4", "a quantized base"), ("inference+bf16+nf4-dq+tp8", "splits the model over 8 GPUs, but the run has 2"),
+])
+def test_a_bad_recipe_is_one_line_naming_the_problem(capsys, recipe, message):
+    extra = ["--gpus", "2"] if "tp8" in recipe else []
+    code, out, err = run(capsys, "estimate", "r1-distill-qwen-7b", "--recipe", recipe, *extra)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
 def test_estimate_table_in_gib(capsys):
-    code, out, _ = run(capsys, "estimate", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "--mode", "inference",
-                       "--precision", "bf16")
+    code, out, _ = run(capsys, "estimate", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "--recipe", "inference+bf16")
     e = estimate("r1-distill-qwen-1.5b", Setup(mode="inference", precision="bf16"))
     assert code == 0
     assert f"{'total':<12} {e.bytes['total'] / GiB:9.2f}\n" in out
@@ -64,8 +84,10 @@ def test_plan_lists_fitting_recipes(capsys):
     assert code == 0 and fits
     assert all(f["bytes"]["total"] <= 24 * GiB for f in fits)
     assert all("+" in f["recipe"] for f in fits)
+    assert all(f["command"].startswith("lowmem " + ("estimate" if f["setup"]["mode"] == "inference" else "train"))
+               for f in fits)
     code, out, _ = run(capsys, "plan", "r1-distill-qwen-7b", "--gpu-memory", "24GB")
-    assert code == 0 and "lowmem estimate r1-distill-qwen-7b --mode" in out
+    assert code == 0 and "lowmem train --model r1-distill-qwen-7b --recipe lora+bf16-mixed" in out
 
 
 def test_plan_with_nothing_fitting_exits_1(capsys):
@@ -77,8 +99,8 @@ BAD = [
     ["estimate", "gpt-5"],
     ["estimate", "r1", "--batch", "0"],
     ["estimate", "r1", "--seq", "-5"],
-    ["estimate", "r1", "--mode", "pretrain"],
-    ["estimate", "r1", "--zero", "4"],
+    ["estimate", "r1", "--recipe", "pretrain"],
+    ["estimate", "r1", "--recipe", "full+zero4"],
     ["plan", "r1", "--gpu-memory", "lots"],
     ["plan", "r1", "--gpu-memory", "0GB"],
     ["estimate", "no/such/config.json"],
@@ -168,10 +190,10 @@ def test_plan_precisions_restricts_the_plan(capsys):
     code, out, _ = run(capsys, "plan", "r1-distill-qwen-1.5b", "--gpu-memory", "15GiB", "--precisions",
                        "fp16-mixed,fp32", "--json")
     fits = json.loads(out)["fits"]
-    assert code == 0 and {f["setup"]["precision"] for f in fits} == {"fp16-mixed", "fp32"}
+    assert code == 0 and {f["setup"]["precision"] for f in fits} == {"fp16-mixed", "fp16", "fp32"}
     assert "lora+fp16-mixed" in {f["recipe"] for f in fits}
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["plan", "r1-distill-qwen-1.5b", "--gpu-memory", "15GiB", "--precisions", "fp16,fp32"])
+        cli.main(["plan", "r1-distill-qwen-1.5b", "--gpu-memory", "15GiB", "--precisions", "fp8,fp32"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "precisions must be among" in err
 
@@ -185,7 +207,7 @@ def test_plan_splits_r1_over_8_gpus_with_4_bit_experts(capsys):
     assert fits[0]["bytes"] == estimate("r1", setup).bytes
     code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "80GiB", "--gpus", "8", "--batch", "8", "--seq", "8192",
                        "--mode", "inference")
-    assert "--weights nf4-dq+experts --gpus 8 --parallel tensor" in out  # the estimate line reproduces it
-    code, out, _ = run(capsys, "estimate", "r1", "--mode", "inference", "--precision", "bf16", "--batch", "8",
-                       "--seq", "8192", "--weights", "nf4-dq+experts", "--gpus", "8", "--parallel", "tensor", "--json")
+    line = "lowmem estimate r1 --recipe inference+bf16+nf4-dq+experts+tp8 --batch 8 --seq 8192 --gpus 8"
+    assert line in out  # the estimate line reproduces it
+    code, out, _ = run(capsys, *line.split()[1:], "--json")
     assert code == 0 and json.loads(out)["bytes"] == fits[0]["bytes"]

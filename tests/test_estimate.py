@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem_course import family, measure, steps, validate
 from lowmem_course.estimate import (ARCHITECTURES, Setup, count, estimate, kv_cache_per_token, load_config,
-                                    model_states, plan, shape_of)
+                                    model_states, plan, recipe_of, setup_of, shape_of)
 from lowmem_course.units import GiB, MiB
 
 QWEN = "r1-distill-qwen-1.5b"
@@ -112,7 +112,10 @@ def test_plan_ranks_fitting_setups_by_cost():
     assert options and all(o.estimate.bytes["total"] <= 24 * GiB for o in options)
     assert [o.cost for o in options] == sorted(o.cost for o in options)
     assert options[0].recipe.startswith("inference")
-    assert all(o.command(QWEN).startswith(f"lowmem estimate {QWEN} --mode ") for o in options)
+    for o in options:  # training on one GPU runs as printed; serving is estimated
+        kind = "estimate" if o.estimate.setup.mode == "inference" else "train --model"
+        assert o.command(QWEN).startswith(f"lowmem {kind} {QWEN} --recipe {o.recipe} ")
+        assert o.recipe == str(recipe_of(o.estimate.setup)) and setup_of(o.recipe, seq=1024) == o.estimate.setup
     best = json.loads(json.dumps(options[0].to_dict()))  # what `lowmem plan --json` prints per option
     assert (best["recipe"], best["bytes"], best["setup"]) == (options[0].recipe, options[0].estimate.bytes,
                                                               options[0].estimate.setup.__dict__)
@@ -265,7 +268,8 @@ def test_cost_is_public_and_multiplies_the_technique_factors():
 
 def test_plan_tries_only_the_precisions_it_is_given():
     t4 = plan(QWEN, 15 * GiB, seq=1024, precisions=("fp16-mixed", "fp32"))
-    assert {o.estimate.setup.precision for o in t4} == {"fp16-mixed", "fp32"}
+    assert {o.estimate.setup.precision for o in t4 if o.estimate.setup.mode != "inference"} == {"fp16-mixed", "fp32"}
+    assert {o.estimate.setup.precision for o in t4 if o.estimate.setup.mode == "inference"} == {"fp16", "fp32"}
     assert any(o.recipe == "lora+fp16-mixed" for o in t4)
     assert {o.estimate.setup.precision for o in plan(QWEN, 15 * GiB)} == {"bf16-mixed", "bf16"}  # the default
     with pytest.raises(ValueError, match="precisions must be among"):

@@ -1,10 +1,14 @@
 """The training command: recipes, bad data, and a run that survives being killed."""
 
+import contextlib
+import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -28,19 +32,46 @@ def args(data, out, *extra):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("qlora+checkpointing+bf16", Recipe("qlora", "bf16", True)),
-    ("full", Recipe("full", "fp32", False)),
-    ("BF16 + lora", Recipe("lora", "bf16", False)),
+    ("qlora+checkpointing+bf16-mixed", Recipe("qlora", "bf16-mixed", checkpointing=True)),
+    ("full", Recipe("full", "fp32")),
+    ("BF16-MIXED + lora", Recipe("lora", "bf16-mixed")),
+    ("full+bf16+adamw8bit", Recipe("full", "bf16", optimizer="adamw8bit")),
+    ("inference+bf16+nf4-dq+experts+tp8", Recipe("inference", "bf16", tensor_parallel=8, weights="nf4-dq", experts=True)),
+    ("full+fp16-mixed+checkpointing+zero3+sgd-momentum", Recipe("full", "fp16-mixed", "sgd-momentum", True, zero=3)),
 ])
 def test_recipes_parse_and_print_back(text, expected):
     assert Recipe.parse(text) == expected
     assert Recipe.parse(str(expected)) == expected
 
 
-@pytest.mark.parametrize("text", ["", "bf16", "lora+qlora", "lora+bf16+fp16", "lora+turbo", "lora+lora"])
-def test_bad_recipes_are_refused(text):
-    with pytest.raises(ValueError, match="cannot read recipe"):
+@pytest.mark.parametrize("text, message", [
+    ("", "empty recipe"), ("bf16-mixed", "names no mode"), ("lora+qlora", "names its mode twice"),
+    ("lora+bf16-mixed+fp16-mixed", "names its precision twice"), ("lora+turbo", "unknown token 'turbo'"),
+    ("lora+lora", "names its mode twice"), ("qlora+bf16", "qlora trains fp32 adapters"),
+    ("full+fp16", "pure fp16 training"), ("inference+checkpointing", "no backward pass"),
+    ("lora+zero2", "ZeRO shards full fine-tuning"), ("full+tp2", "inference only"), ("lora+bf16-mixed+experts", "experts"),
+])
+def test_bad_recipes_are_refused_in_one_line(text, message):
+    with pytest.raises(ValueError, match=message) as error:
         Recipe.parse(text)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, base", [("full", "fp32"), ("full+bf16-mixed", "fp32"), ("full+bf16", "bf16"),
+                                         ("lora", "fp32"), ("lora+fp16-mixed", "fp16"), ("qlora+bf16-mixed", "nf4-dq"),
+                                         ("qlora+bf16-mixed+int8", "int8"), ("inference+fp16", "fp16")])
+def test_one_place_decides_the_base_weights(text, base):
+    assert Recipe.parse(text).base_weights == base
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("inference+bf16", "is an inference recipe"), ("full+bf16-mixed+zero2", "shards over 2+ GPUs"),
+    ("lora+paged-adamw8bit", "paged optimizers"),
+])
+def test_recipes_lowmem_train_cannot_run_here_are_one_line(data, tmp_path, capsys, recipe, message):
+    assert train.main(args(data, tmp_path / "out", "--recipe", recipe)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "out").exists()
 
 
 def test_a_malformed_line_is_named_by_its_number(tmp_path, capsys):
@@ -65,7 +96,7 @@ def test_another_runs_checkpoint_is_never_overwritten(data, tmp_path, capsys):
     assert train.main(args(data, out)) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "checkpoint" / "trainable.safetensors").read_bytes() == before
-    assert train.main(args(data, out, "--resume", "--recipe", "lora+bf16")) == 2
+    assert train.main(args(data, out, "--resume", "--recipe", "lora+bf16-mixed")) == 2
     assert "from another run" in capsys.readouterr().err
 
 
@@ -102,3 +133,42 @@ def test_no_progress_switches_the_progress_bar_off(data, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "train lora" not in err and "peak" in out  # the memory report is still printed
     assert train.parser().parse_args(args(data, tmp_path, "--no-progress")).no_progress
+
+
+def plan_commands(model: str, mode: str) -> list[list[str]]:
+    """The `lowmem train` commands `lowmem plan MODEL --mode MODE --gpu-memory 24GiB` prints, as words."""
+    from lowmem_course import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["plan", model, "--mode", mode, "--gpu-memory", "24GiB", "--seq", "256"]) == 0
+    return [shlex.split(line) for line in out.getvalue().splitlines() if line.strip().startswith("lowmem train ")]
+
+
+def run_as_printed(words: list[str], twin: str, data: Path, out: Path) -> int:
+    """Run a printed `lowmem train` command on a tiny twin, our data and folder, for 2 steps."""
+    argv = words[2:]
+    for flag, value in (("--model", twin), ("--data", str(data)), ("--out", str(out))):
+        argv[argv.index(flag) + 1] = value
+    return train.main([*argv, "--steps", "2", "--no-progress"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_every_recipe_plan_recommends_for_one_gpu_runs_as_printed(data, tmp_path, capsys, mode):
+    commands = plan_commands("r1-distill-qwen-1.5b", mode)
+    recipes = [words[words.index("--recipe") + 1] for words in commands]
+    assert commands and all(r.startswith(mode + "+") for r in recipes)
+    for i, words in enumerate(commands):
+        assert run_as_printed(words, "tiny:r1-distill-qwen-1.5b", data, tmp_path / f"run{i}") == 0, \
+            (recipes[i], capsys.readouterr().err)
+        report = json.loads((tmp_path / f"run{i}" / "report.json").read_text())
+        assert report["status"] == "done" and report["recipe"] == recipes[i]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", ["tiny:r1-distill-llama-8b", "tiny:r1"])
+def test_the_other_architectures_run_the_planned_recipes_of_each_mode(data, tmp_path, capsys, twin):
+    for mode in ("full", "lora", "qlora"):
+        words = plan_commands("r1-distill-qwen-1.5b", mode)[0]
+        assert run_as_printed(words, twin, data, tmp_path / mode) == 0, capsys.readouterr().err

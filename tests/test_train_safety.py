@@ -98,7 +98,7 @@ def test_overwrite_never_removes_a_folder_lowmem_train_did_not_create(data, tmp_
 @pytest.mark.parametrize("bad, message", [
     (["--data", "missing.jsonl"], "missing.jsonl: no such data file"),
     (["--model", "nosuch"], "unknown model 'nosuch'"),
-    (["--recipe", "lora+turbo"], "cannot read recipe 'lora+turbo'"),
+    (["--recipe", "lora+turbo"], "unknown token 'turbo' in recipe 'lora+turbo'"),
     (["--max-tokens", "1"], "example 1: its prompt (9 tokens) fills --max-tokens 1"),
 ])
 def test_overwrite_checks_every_input_before_it_removes_anything(data, six_steps, tmp_path, capsys, bad, message):
@@ -375,10 +375,10 @@ def test_an_fp16_resume_after_an_overflow_is_bitwise_equal(data, tmp_path, monke
     monkeypatch.setattr(precision, "make_scaler", partial(precision.make_scaler, init_scale=2.0**20))
     fp16 = partial(args, data)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    assert train.main(fp16(reference, "--recipe", "lora+fp16", "--steps", "6")) == 0
-    assert train.main(fp16(resumed, "--recipe", "lora+fp16", "--steps", "3")) == 0
+    assert train.main(fp16(reference, "--recipe", "lora+fp16-mixed", "--steps", "6")) == 0
+    assert train.main(fp16(resumed, "--recipe", "lora+fp16-mixed", "--steps", "3")) == 0
     assert json.loads((resumed / "checkpoint" / "state.json").read_text())["scaler"]["scale"] == 2.0**18
-    assert train.main(fp16(resumed, "--recipe", "lora+fp16", "--steps", "6", "--resume")) == 0
+    assert train.main(fp16(resumed, "--recipe", "lora+fp16-mixed", "--steps", "6", "--resume")) == 0
     # restarting the scaler at 2**20 would skip steps 4 and 5 as well
     assert same_weights(resumed, reference)
     assert (resumed / "log.jsonl").read_text() == (reference / "log.jsonl").read_text()

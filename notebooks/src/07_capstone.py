@@ -58,7 +58,8 @@ BUDGETS = [
 
 # %% [markdown]
 # `lowmem plan` (Python: `estimate.plan`) lists every setup that fits, cheapest compute first. Unless
-# told otherwise it tries bf16 setups, which a T4 cannot run; `precisions=` (`--precisions`) says what the card runs:
+# told otherwise it tries bf16 setups, which a T4 cannot run; `precisions=` (`--precisions`) says what the card runs
+# (here fp16 autocast or fp32 for training, and so pure fp16 weights for serving):
 
 # %%
 t4 = BUDGETS[0]
@@ -74,7 +75,9 @@ for name, options in (("default", stock), (f"precisions={t4.precisions}", no_bf1
 # model split over them (`parallel="tensor"`: heads and MLPs split, experts dealt out) and, for a MoE
 # model, NF4 weights *with* the routed experts (`nf4-dq+experts`: notebook 03's `quantize.quantize_experts`).
 # `capstone.choose` picks the cheapest option that `lowmem train` can run (AdamW, one GPU) or, for
-# serving, the least-quantized weights that fit.
+# serving, the least-quantized weights that fit. A recipe is one string that names every choice
+# (mode+precision+weights+checkpointing+optimizer+sharding); `lowmem estimate --recipe`, `lowmem plan`
+# and `lowmem train --recipe` read and write the same strings, and each option prints its command:
 
 # %%
 plans, chosen = {}, {}
@@ -86,7 +89,8 @@ for b in BUDGETS:
           f"{len(plans[b.label])} options fit; the naive setup needs {naive_total / GiB:,.0f} GiB per GPU")
     for o in plans[b.label][:6]:
         mark = "->" if o is chosen[b.label] else "  "
-        print(f"  {mark} {o.recipe:<42} cost {o.cost:4.2f}  {o.total / GiB:6.2f} GiB   lowmem train: {o.train_recipe or '-'}")
+        print(f"  {mark} {o.recipe:<42} cost {o.cost:4.2f}  {o.total / GiB:6.2f} GiB   {'trainable here' if o.train_recipe else ''}")
+    print(f"     {chosen[b.label].command(b.model)}")
 
 # %% [markdown]
 # What the plans say:
@@ -108,8 +112,8 @@ print(f"R1: {r1_count.experts / 1e9:.0f}B of its {r1_count.total / 1e9:.0f}B par
 r1_totals = {}
 for setup in estimate.candidates("inference", serve.batch, serve.seq, serve.gpus, serve.precisions, moe=True):
     e = estimate.estimate(r1_fields, setup)
-    r1_totals[estimate.recipe(setup)] = e.bytes["total"]
-    print(f"  {estimate.recipe(setup):<38} weights {e.bytes['weights'] / GiB:6.1f}  KV {e.bytes['kv_cache'] / GiB:4.1f}  "
+    r1_totals[e.recipe] = e.bytes["total"]
+    print(f"  {e.recipe:<38} weights {e.bytes['weights'] / GiB:6.1f}  KV {e.bytes['kv_cache'] / GiB:4.1f}  "
           f"total {e.bytes['total'] / GiB:6.1f} GiB  {'fits' if e.bytes['total'] <= serve.gpu_memory else ''}")
 
 # %% [markdown]
@@ -158,8 +162,8 @@ plt.show()
 # - models: the tiny twin of R1-Distill-Llama-70B (`tiny:r1-distill-llama-70b`) and the shipped student
 # - data: teacher traces of subtraction (`lowmem_course.reasoning`), cut to 32 tokens, batch 8
 # - recipes: the three recipes the plans chose (T4, 7B, 70B), each divided by plain fp32 full fine-tuning
-# - `lowmem train` loads the frozen base in the recipe's dtype (fp16 for `lora+fp16`, bf16 for
-#   `lora+checkpointing+bf16`, NF4 for QLoRA), the way the estimator assumes
+# - `lowmem train` loads the frozen base in the recipe's dtype (fp16 for `lora+fp16-mixed`, bf16 for
+#   `lora+bf16-mixed+checkpointing`, NF4 for QLoRA: `recipe.base_weights`), the way the estimator assumes
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -172,9 +176,9 @@ for model in tqdm(MODELS, desc="miniature runs"):
     ratios += r
 
 # %%
-print(f"{'model':<26} {'recipe / full':<26} {'estimated':>9} {'measured':>9} {'error':>7}")
+print(f"{'model':<26} {'recipe / full':<31} {'estimated':>9} {'measured':>9} {'error':>7}")
 for r in ratios:
-    print(f"{r.model:<26} {r.recipe:<26} {r.predicted:9.3f} {r.measured:9.3f} {r.error:+7.1%}")
+    print(f"{r.model:<26} {r.recipe:<31} {r.predicted:9.3f} {r.measured:9.3f} {r.error:+7.1%}")
 worst_ratio = max(abs(r.error) for r in ratios)
 total_errors = {(m, r): predicted[m][r]["total"] / measured[m][r]["total"] - 1 for m in MODELS for r in measured[m]}
 worst_total = max(map(abs, total_errors.values()))
@@ -192,7 +196,7 @@ plt.show()
 #
 # ```
 # python -m lowmem_course.train --model deepseek-ai/DeepSeek-R1-Distill-Llama-70B \
-#     --recipe qlora+checkpointing+bf16 --data traces.jsonl --out runs/70b --steps 2000 --batch 1 --max-tokens 4096
+#     --recipe qlora+bf16-mixed+checkpointing --data traces.jsonl --out runs/70b --steps 2000 --batch 1 --max-tokens 4096
 # ```
 # (or `lowmem train ...`). It shows a tqdm progress bar, checkpoints the adapters and the optimizer
 # every `--save-every` steps, saves the adapters with `save_pretrained` at the end and prints the
@@ -317,7 +321,7 @@ for b in BUDGETS[:3]:
     flops = capstone.train_flops(o.estimate.parameters, tokens, o.estimate.setup)
     hours[b.label] = flops / (0.4 * PEAK[b.label]) / 3600
     flops_of[b.label] = flops / (o.estimate.parameters * tokens)  # operations per parameter per token
-    print(f"{b.label:<22} {o.train_recipe:<26} {flops:.2e} operations: {hours[b.label]:7.1f} GPU-hours "
+    print(f"{b.label:<22} {o.train_recipe:<31} {flops:.2e} operations: {hours[b.label]:7.1f} GPU-hours "
           f"(full fine-tuning without checkpointing: {6 * o.estimate.parameters * tokens:.2e})")
 
 # %% [markdown]
@@ -348,7 +352,7 @@ print(f"loss ≈{losses[0]:.2f} -> ≈{losses[-1]:.2f} over 8 steps; subtraction
 #
 # ## Exercises
 # 1. *(easy)* Plan R1-Distill-Qwen-14B at 2,048 tokens on a 24 GB card. Which recipe is chosen?
-# 2. *(medium)* Run `"qlora+fp16"` and `"full+bf16"` through the miniature on the student. Do their
+# 2. *(medium)* Run `"qlora+fp16-mixed"` and `"full+bf16-mixed"` through the miniature on the student. Do their
 #    ratios to fp32 full fine-tuning match the estimator's within 10%? Which one saves the most, and why
 #    does bf16 autocast save so little for full fine-tuning?
 # 3. *(hard)* Serving R1 on 8 × 80 GB with the chosen setup: how many 8,192-token requests fit at once?
@@ -367,19 +371,19 @@ print(f"loss ≈{losses[0]:.2f} -> ≈{losses[-1]:.2f} over 8 steps; subtraction
 
 # %%
 assert not any(o.estimate.setup.precision in ("fp16-mixed", "fp32") for o in stock)         # default plan: bf16 only
-assert {o.estimate.setup.precision for o in no_bf16} == {"fp16-mixed", "fp32"}              # precisions= honoured
+assert {o.estimate.setup.precision for o in no_bf16} == {"fp16-mixed", "fp32", "fp16"}      # precisions= honoured (serving: fp16)
 for b in BUDGETS:
     o = chosen[b.label]
     assert o is not None and o.total <= b.gpu_memory                                         # fits its budget
     assert capstone.naive(b).bytes["total"] > b.gpu_memory                                   # and the naive setup does not
-assert chosen["1.5B on a T4"].train_recipe == "lora+fp16"
-assert chosen["7B, seq 4096, 24 GB"].train_recipe == "lora+checkpointing+bf16"
-assert chosen["70B on 2 x 80 GB"].train_recipe == "qlora+checkpointing+bf16"
+assert chosen["1.5B on a T4"].train_recipe == "lora+fp16-mixed"
+assert chosen["7B, seq 4096, 24 GB"].train_recipe == "lora+bf16-mixed+checkpointing"
+assert chosen["70B on 2 x 80 GB"].train_recipe == "qlora+bf16-mixed+checkpointing"
 assert [o.recipe for o in plans["serve R1 on 8 x 80 GB"]] == ["inference+bf16+nf4-dq+experts+tp8"]  # R1: split + 4-bit experts
 assert r1_totals["inference+bf16+nf4-dq+tp8"] > serve.gpu_memory > r1_totals["inference+bf16+nf4-dq+experts+tp8"]
 assert r1_count.experts > 0.95 * r1_count.total
 assert cli.returncode == 0 and cli_fits[t4_choice.recipe] == t4_choice.total                 # CLI and API agree
-assert RECIPES == ["lora+fp16", "lora+checkpointing+bf16", "qlora+checkpointing+bf16"]     # the chosen recipes ran
+assert RECIPES == ["lora+fp16-mixed", "lora+bf16-mixed+checkpointing", "qlora+bf16-mixed+checkpointing"]     # the chosen recipes ran
 assert worst_ratio <= 0.10 and worst_total <= 0.10                                           # miniature within 10%
 assert first.returncode == 0 and "peak" in first.stdout and resumed.returncode == 0
 assert checkpoint_step(run_dir) == 8 and [s for s, _ in logged_steps(run_dir)] == list(range(1, 9))  # resumed to step 8

@@ -35,35 +35,36 @@ options = capstone.plan(fourteen)
 choice = capstone.choose(fourteen, options)
 for o in options:
     print(f"{'->' if o is choice else '  '} {o.recipe:<42} cost {o.cost:4.2f}  {o.total / GiB:6.2f} GiB   "
-          f"lowmem train: {o.train_recipe or '-'}")
+          f"{'trainable here' if o.train_recipe else ''}")
+print(choice.command(fourteen.model))
 shape = estimate.shape_of(estimate.load_config(fourteen.model))
 bf16_base = estimate.frozen_weight_bytes(shape, estimate.count(shape), "bf16")
 print(f"the 14B's frozen bf16 base alone: {bf16_base / GiB:.1f} GiB")
 
 # %% [markdown]
-# - **QLoRA + checkpointing + bf16** (`lowmem train --recipe qlora+checkpointing+bf16`), about 14.5 GiB
+# - **QLoRA + checkpointing + bf16** (`lowmem train --recipe qlora+bf16-mixed+checkpointing`), about 14.5 GiB
 # - LoRA is out before any activation is counted: the frozen 16-bit base alone exceeds 24 GiB
 # - only the 4-bit base leaves room, and at 2,048 tokens the activations still need checkpointing
 
 # %%
-assert choice.train_recipe == "qlora+checkpointing+bf16" and choice.total <= fourteen.gpu_memory
+assert choice.train_recipe == "qlora+bf16-mixed+checkpointing" and choice.total <= fourteen.gpu_memory
 assert {o.estimate.setup.mode for o in options} == {"qlora"}
 assert bf16_base > fourteen.gpu_memory
 
 # %% [markdown]
 # ## Exercise 2
-# *(medium)* Run `"qlora+fp16"` and `"full+bf16"` through the miniature on the student. Do their ratios
+# *(medium)* Run `"qlora+fp16-mixed"` and `"full+bf16-mixed"` through the miniature on the student. Do their ratios
 # to fp32 full fine-tuning match the estimator's within 10%? Which one saves the most, and why does bf16
 # autocast save so little for full fine-tuning?
 
 # %%
 data = capstone.write_data(work / "subtraction.jsonl", n=32, seed=0)
-ratios, measured, predicted = capstone.miniature("student-qwen2", ["qlora+fp16", "full+bf16"], data, work / "mini")
+ratios, measured, predicted = capstone.miniature("student-qwen2", ["qlora+fp16-mixed", "full+bf16-mixed"], data, work / "mini")
 for r in ratios:
-    print(f"{r.recipe:<12} / full: estimated {r.predicted:.3f}, measured {r.measured:.3f} ({r.error:+.1%})")
-print(f"{'recipe':<12} " + " ".join(f"{k:>12}" for k in ("weights", "optimizer", "activations", "total")) + "  (MiB, measured)")
+    print(f"{r.recipe:<18} / full: estimated {r.predicted:.3f}, measured {r.measured:.3f} ({r.error:+.1%})")
+print(f"{'recipe':<18} " + " ".join(f"{k:>12}" for k in ("weights", "optimizer", "activations", "total")) + "  (MiB, measured)")
 for recipe, m in measured.items():
-    print(f"{recipe:<12} " + " ".join(f"{m[k] / MiB:12.2f}" for k in ("weights", "optimizer", "activations", "total")))
+    print(f"{recipe:<18} " + " ".join(f"{m[k] / MiB:12.2f}" for k in ("weights", "optimizer", "activations", "total")))
 
 # %% [markdown]
 # - both match the estimator within 10%
@@ -75,10 +76,10 @@ for recipe, m in measured.items():
 # %%
 by_recipe = {r.recipe: r for r in ratios}
 assert all(abs(r.error) <= 0.10 for r in ratios)
-assert by_recipe["qlora+fp16"].measured < 0.6 < 0.75 < by_recipe["full+bf16"].measured
-assert measured["full+bf16"]["weights"] == measured["full"]["weights"]
-assert measured["full+bf16"]["optimizer"] == measured["full"]["optimizer"]
-assert measured["full+bf16"]["activations"] < 0.8 * measured["full"]["activations"]
+assert by_recipe["qlora+fp16-mixed"].measured < 0.6 < 0.75 < by_recipe["full+bf16-mixed"].measured
+assert measured["full+bf16-mixed"]["weights"] == measured["full"]["weights"]
+assert measured["full+bf16-mixed"]["optimizer"] == measured["full"]["optimizer"]
+assert measured["full+bf16-mixed"]["activations"] < 0.8 * measured["full"]["activations"]
 
 # %% [markdown]
 # ## Exercise 3
@@ -104,7 +105,7 @@ def most_requests(gpus: int) -> int:
     return low
 
 
-print(f"setup: {estimate.recipe(setup)}")
+print(f"setup: {estimate.recipe_of(setup)}")
 most, per_request, weights = {}, {}, {}
 for gpus in (8, 16):
     most[gpus] = most_requests(gpus)

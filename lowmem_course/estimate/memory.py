@@ -1,26 +1,23 @@
-"""Estimate memory: predict the peak bytes per device of any R1-family setup, without running it.
+"""The memory model: the peak bytes per device of one setup, phase by phase, from a config's shape.
 
-The estimator is pure arithmetic on a config: it never builds a model and never reads
-``measure`` (the ruler must not read the forecast). Its numbers are checked against measurement in
-``tests/test_estimate.py``, in notebook 08 and by ``lowmem validate``.
+Model states (weights, gradients, optimizer state; ZeRO), what autograd saves per token in this
+family's layers as transformers runs them, the transient peaks of backward, the KV cache and the
+prefill temporaries of inference. Bytes, always.
 """
 
 from __future__ import annotations
 
-import json
-import reprlib
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowmem_course.recipe import MODES, OPTIMIZERS, PRECISIONS, WEIGHTS, Recipe, RecipeError, base_weights
+from lowmem_course.estimate.config import (Linear, Parameters, Shape, config_fields, count, is_moe, layer_linears,
+                                           load_config, lora_targets, shape_of)
 
-MODES = ("inference", "full", "lora", "qlora")
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd-momentum")
 CHECKPOINTING = ("none", "full")
-WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq", "nf4-dq+experts")
 EXPERTS_SUFFIX = "+experts"  # the routed MoE experts quantized too (``quantize.quantize_experts``), inference only
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", *WEIGHTS, "nf4-dq" + EXPERTS_SUFFIX)
 PARALLEL = ("data", "tensor")
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -92,267 +89,21 @@ class Estimate:
     bytes: dict[str, int] = field(default_factory=dict)
     peak_phase: str = ""  # the moment of the step the peak falls in, e.g. "loss backward"
 
+    @property
+    def recipe(self) -> str | None:
+        """The setup's recipe (``recipe_of``), or None when no recipe describes it."""
+        try:
+            return str(recipe_of(self.setup))
+        except RecipeError:
+            return None
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the ``lowmem estimate --json`` output)."""
-        return {"model": self.model, "setup": self.setup.__dict__, "parameters": self.parameters,
+        """A JSON-ready dict (the ``lowmem estimate --json`` output), with the recipe."""
+        return {"model": self.model, "recipe": self.recipe, "setup": self.setup.__dict__, "parameters": self.parameters,
                 "active_parameters": self.active_parameters,
                 "trainable_parameters": self.trainable_parameters, "peak_phase": self.peak_phase,
                 "bytes": dict(self.bytes)}
 
-
-ARCHITECTURES = ("qwen2", "llama", "deepseek_v3")  # = family.SUPPORTED_ARCHITECTURES (a test checks it)
-
-
-def load_config(name_or_path: str | Path) -> dict[str, Any]:
-    """The config fields of a family name, Hub id, ``config.json`` path or local model directory.
-
-    Reads plain JSON (no transformers, no torch: the CLI answers in well under 2 s for files). Raises
-    ``ValueError`` with a one-line reason for an unknown name, a missing or malformed file or an
-    architecture outside the course (the CLI prints it and exits 2). The fields themselves are
-    checked by ``shape_of`` (``validate_fields``).
-    """
-    try:
-        path = Path(str(name_or_path)).expanduser()
-    except RuntimeError as err:  # "~nosuchuser/...": no such home folder
-        raise ValueError(f"{name_or_path}: {err}") from None
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"{path.parent} has no config.json")
-    if path.is_file():
-        try:
-            fields = json.loads(path.read_text())
-        except ValueError as err:  # malformed JSON, not UTF-8, an integer of more than 4300 digits
-            raise ValueError(f"{path} is not valid JSON ({err})") from None
-        except RecursionError:
-            raise ValueError(f"{path} is not a config: its JSON is nested too deeply to read") from None
-        if not isinstance(fields, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        fields.setdefault("name_or_path", str(path.parent if path.name == "config.json" else path))
-        _check_architecture(fields.get("model_type"), str(path))
-        return fields
-    if path.suffix == ".json" or "/" in str(name_or_path) and not str(name_or_path).lower().startswith("deepseek-ai/"):
-        raise ValueError(f"{name_or_path}: no such file or directory")
-    from lowmem_course import family  # names only: family imports torch lazily
-
-    member = family.resolve(str(name_or_path))
-    return {**member.fields, "model_type": member.architecture, "name_or_path": member.hub_id}
-
-
-def _check_architecture(kind: Any, where: str) -> None:
-    if kind not in ARCHITECTURES:
-        raise ValueError(f"{where}: unsupported architecture {kind!r}; the estimator covers {', '.join(ARCHITECTURES)}")
-
-
-def config_fields(cfg: Any) -> dict[str, Any]:
-    """The fields of a transformers config object, or of a dict of config.json fields."""
-    return dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameters, counted from the config (equal to ``family.count_parameters``; a test checks it).
-
-@dataclass(frozen=True)
-class Shape:
-    """The dimensions of one config that memory depends on (counts of elements, not bytes)."""
-
-    arch: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool  # bias on q, k, v (Qwen2 always; Llama and DeepseekV3 when attention_bias)
-    o_bias: bool
-    mlp_bias: bool
-    # MLA / MoE (DeepseekV3 only; zero elsewhere)
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 0
-    qk_nope: int = 0
-    qk_rope: int = 0
-    v_head_dim: int = 0
-    dense_layers: int = 0
-    experts: int = 0
-    top_k: int = 0
-    shared: int = 0
-    moe_intermediate: int = 0
-
-
-# Generous upper bounds on a config's sizes, ten times and more beyond any published model (R1: 61
-# layers, hidden 7168, 128 heads, 129,280 tokens, 256 experts): the estimator's per-layer
-# arithmetic stays under about a second for ``plan``, and an absurd config is refused, not computed.
-MAX_LAYERS = 1024
-MAX_WIDTH = 2**20  # hidden, MLP, head and LoRA-rank sizes, in elements
-MAX_HEADS = 2**14
-MAX_VOCAB = 2**24
-MAX_EXPERTS = 2**16
-
-# The integer fields ``shape_of`` reads: (smallest, largest, required). Optional ones may be absent or null.
-_COMMON_INTS = {
-    "hidden_size": (1, MAX_WIDTH, True), "num_hidden_layers": (1, MAX_LAYERS, True),
-    "num_attention_heads": (1, MAX_HEADS, True), "num_key_value_heads": (1, MAX_HEADS, False),
-    "head_dim": (1, MAX_WIDTH, False), "intermediate_size": (1, MAX_WIDTH, True), "vocab_size": (1, MAX_VOCAB, True),
-}
-_MLA_MOE_INTS = {
-    "q_lora_rank": (0, MAX_WIDTH, False), "kv_lora_rank": (1, MAX_WIDTH, True),
-    "qk_nope_head_dim": (1, MAX_WIDTH, True), "qk_rope_head_dim": (1, MAX_WIDTH, True),
-    "v_head_dim": (1, MAX_WIDTH, True), "first_k_dense_replace": (0, MAX_LAYERS, False),
-    "n_routed_experts": (1, MAX_EXPERTS, True), "num_experts_per_tok": (1, MAX_EXPERTS, True),
-    "n_shared_experts": (0, MAX_EXPERTS, False), "moe_intermediate_size": (1, MAX_WIDTH, True),
-    "n_group": (1, MAX_EXPERTS, False), "topk_group": (1, MAX_EXPERTS, False),
-}
-_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
-
-
-def validate_fields(fields: dict[str, Any]) -> None:
-    """Check every config field the estimator reads, before any arithmetic on them.
-
-    Integers must be JSON integers (not strings, floats or booleans) within ``_COMMON_INTS`` /
-    ``_MLA_MOE_INTS``'s bounds; flags must be booleans; the heads must divide into key/value heads
-    (and the hidden size into heads when there is no ``head_dim``); DeepseekV3's top-k cannot exceed
-    its routed experts, nor ``topk_group`` its ``n_group`` (which must divide the experts). Raises
-    ``ValueError`` naming the first bad field, in one line.
-    """
-    kind = fields.get("model_type")
-    _check_architecture(kind, str(fields.get("name_or_path") or "config"))
-    ints = {**_COMMON_INTS, **(_MLA_MOE_INTS if kind == "deepseek_v3" else {})}
-    value = {}
-    for key, (low, high, required) in ints.items():
-        got = fields.get(key)
-        if got is None and not required:
-            continue
-        if not isinstance(got, int) or isinstance(got, bool) or not low <= got <= high:
-            raise ValueError(f"config field {key!r} must be an integer from {low} to {high:,}, got {reprlib.repr(got)}")
-        value[key] = got
-    for key in _BOOLS:
-        if fields.get(key) is not None and not isinstance(fields[key], bool):
-            raise ValueError(f"config field {key!r} must be true or false, got {reprlib.repr(fields[key])}")
-    heads, kv_heads = value["num_attention_heads"], value.get("num_key_value_heads", value["num_attention_heads"])
-    if heads % kv_heads:
-        raise ValueError(f"config field 'num_key_value_heads' ({kv_heads}) must divide 'num_attention_heads' ({heads})")
-    if "head_dim" not in value and value["hidden_size"] % heads:
-        raise ValueError(f"config field 'hidden_size' ({value['hidden_size']}) must be a multiple of "
-                         f"'num_attention_heads' ({heads}) when there is no 'head_dim'")
-    if kind != "deepseek_v3":
-        return
-    experts, top_k = value["n_routed_experts"], value["num_experts_per_tok"]
-    if top_k > experts:
-        raise ValueError(f"config field 'num_experts_per_tok' ({top_k}) exceeds 'n_routed_experts' ({experts})")
-    groups = value.get("n_group")
-    if groups is not None and experts % groups:
-        raise ValueError(f"config field 'n_group' ({groups}) must divide 'n_routed_experts' ({experts})")
-    if groups is not None and value.get("topk_group", 0) > groups:
-        raise ValueError(f"config field 'topk_group' ({value['topk_group']}) exceeds 'n_group' ({groups})")
-
-
-def shape_of(cfg: Any) -> Shape:
-    """The memory-relevant dimensions of a Qwen2, Llama or DeepseekV3 config (object or dict).
-
-    ``validate_fields`` checks the fields first: a bad one raises ``ValueError``.
-    """
-    f = config_fields(cfg)
-    validate_fields(f)
-    kind = f["model_type"]
-    heads = f["num_attention_heads"]
-    common = dict(arch=kind, hidden=f["hidden_size"], layers=f["num_hidden_layers"], heads=heads,
-                  kv_heads=f.get("num_key_value_heads") or heads,
-                  head_dim=f.get("head_dim") or f["hidden_size"] // heads,
-                  intermediate=f["intermediate_size"], vocab=f["vocab_size"],
-                  tied=bool(f.get("tie_word_embeddings", False)))
-    bias = bool(f.get("attention_bias", False))
-    if kind == "qwen2":
-        return Shape(**common, qkv_bias=True, o_bias=False, mlp_bias=False)
-    if kind == "llama":
-        return Shape(**common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(f.get("mlp_bias", False)))
-    return Shape(**common, qkv_bias=bias, o_bias=bias, mlp_bias=False, q_lora_rank=f.get("q_lora_rank") or 0,
-                 kv_lora_rank=f["kv_lora_rank"], qk_nope=f["qk_nope_head_dim"],
-                 qk_rope=f["qk_rope_head_dim"], v_head_dim=f["v_head_dim"],
-                 dense_layers=min(f.get("first_k_dense_replace") or 0, common["layers"]),
-                 experts=f["n_routed_experts"], top_k=f["num_experts_per_tok"],
-                 shared=f.get("n_shared_experts") or 0, moe_intermediate=f["moe_intermediate_size"])
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One linear map of a layer: ``count`` matrices of ``d_in`` x ``d_out`` (count > 1: routed experts)."""
-
-    name: str
-    d_in: int
-    d_out: int
-    bias: bool = False
-    count: int = 1
-
-    @property
-    def parameters(self) -> int:
-        """Weights and biases, in elements."""
-        return self.count * (self.d_in * self.d_out + (self.d_out if self.bias else 0))
-
-
-def _mlp(d: int, inner: int, bias: bool = False) -> list[Linear]:
-    return [Linear("gate_proj", d, inner, bias), Linear("up_proj", d, inner, bias), Linear("down_proj", inner, d, bias)]
-
-
-def layer_linears(s: Shape, moe: bool) -> list[Linear]:
-    """The linear maps of one decoder layer (routed experts as one ``Linear`` with ``count`` experts)."""
-    h = s.hidden
-    if s.arch == "deepseek_v3":
-        qk = s.qk_nope + s.qk_rope
-        q = ([Linear("q_a_proj", h, s.q_lora_rank, s.qkv_bias), Linear("q_b_proj", s.q_lora_rank, s.heads * qk)]
-             if s.q_lora_rank else [Linear("q_proj", h, s.heads * qk)])
-        attn = q + [Linear("kv_a_proj_with_mqa", h, s.kv_lora_rank + s.qk_rope, s.qkv_bias),
-                    Linear("kv_b_proj", s.kv_lora_rank, s.heads * (s.qk_nope + s.v_head_dim)),
-                    Linear("o_proj", s.heads * s.v_head_dim, h, s.o_bias)]
-    else:
-        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        attn = [Linear("q_proj", h, q, s.qkv_bias), Linear("k_proj", h, kv, s.qkv_bias),
-                Linear("v_proj", h, kv, s.qkv_bias), Linear("o_proj", q, h, s.o_bias)]
-    if not moe:
-        return attn + _mlp(h, s.intermediate, s.mlp_bias)
-    shared = [Linear(f"shared_experts.{x.name}", x.d_in, x.d_out) for x in _mlp(h, s.moe_intermediate * s.shared)]
-    return attn + shared + [Linear("router", h, s.experts),
-                            Linear("experts.gate_up_proj", h, 2 * s.moe_intermediate, count=s.experts),
-                            Linear("experts.down_proj", s.moe_intermediate, h, count=s.experts)]
-
-
-def _norm_parameters(s: Shape) -> int:
-    """RMSNorm weights of one layer (two per layer, plus MLA's q_a and kv_a norms)."""
-    mla = (s.q_lora_rank + s.kv_lora_rank) if s.arch == "deepseek_v3" else 0
-    return 2 * s.hidden + mla
-
-
-def is_moe(s: Shape, layer: int) -> bool:
-    return s.arch == "deepseek_v3" and layer >= s.dense_layers
-
-
-@dataclass(frozen=True)
-class Parameters:
-    """Parameter counts of a config, in elements."""
-
-    total: int
-    active: int
-    embedding: int  # embed_tokens (+ lm_head when untied)
-    per_layer: tuple[int, ...]
-    linear: int  # in nn.Linear layers of the decoder (what 4/8-bit loading quantizes), lm_head excluded
-    experts: int = 0  # in the routed experts' fused 3-D weights (what 4/8-bit loading leaves in 16 bits)
-
-
-def count(s: Shape) -> Parameters:
-    """Exact parameter counts (``family.count_parameters`` builds a meta model to get the same)."""
-    per_layer, inactive, linear, experts = [], 0, 0, 0
-    for i in range(s.layers):
-        linears = layer_linears(s, is_moe(s, i))
-        per_layer.append(sum(x.parameters for x in linears) + _norm_parameters(s))
-        linear += sum(x.parameters for x in linears if x.count == 1 and x.name != "router")
-        experts += sum(x.parameters for x in linears if x.count > 1)
-        if is_moe(s, i):
-            inactive += sum(x.parameters // x.count for x in linears if x.count > 1) * (s.experts - s.top_k)
-    embedding = s.vocab * s.hidden * (1 if s.tied else 2)
-    total = embedding + sum(per_layer) + s.hidden
-    return Parameters(total=total, active=total - inactive, embedding=embedding, per_layer=tuple(per_layer),
-                      linear=linear, experts=experts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,10 +120,10 @@ class Dtypes:
 
 
 def dtypes(precision: str) -> Dtypes:
-    """The element sizes of ``precision`` (fp32, bf16-mixed, fp16-mixed, bf16)."""
+    """The element sizes of ``precision`` (fp32, bf16-mixed, fp16-mixed, pure bf16 or fp16)."""
     if precision == "fp32":
         return Dtypes(param=4, compute=4, residual=4, mixed=False)
-    if precision == "bf16":
+    if precision in ("bf16", "fp16"):
         return Dtypes(param=2, compute=2, residual=2, mixed=False)
     return Dtypes(param=4, compute=2, residual=4, mixed=True)
 
@@ -383,16 +134,6 @@ def dtypes(precision: str) -> Dtypes:
 # here: it is per row, added in ``weight_bytes``).
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64,
                 "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
-
-# LoRA adapts every linear map of attention and of the MLP (QLoRA's "all-linear"), lm_head excluded.
-# DeepseekV3 adapts attention only: on transformers 5, peft turns any gate/up/down_proj target into
-# adapters on the fused routed experts of every MoE layer (its v4-compatibility mapping), so an MLP
-# target cannot mean "the dense and shared-expert MLPs" there.
-def lora_targets(s: Shape, moe: bool) -> list[Linear]:
-    """The linear maps of one layer that carry a LoRA adapter."""
-    attention_only = s.arch == "deepseek_v3"
-    return [x for x in layer_linears(s, moe) if x.count == 1 and x.name != "router"
-            and not (attention_only and x.name.endswith(("gate_proj", "up_proj", "down_proj")))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +235,8 @@ def layer_saved_per_token(s: Shape, layer: int, setup: Setup) -> int:
 
 def _optimizer_bytes_per_param(setup: Setup, param_bytes: int) -> float:
     """Optimizer state per trainable parameter (AdamW: two moments in the parameters' dtype)."""
-    return {"adamw": 2 * param_bytes, "adamw8bit": 2 + 8 / 2048, "sgd": 0,
+    eight_bit = 2 + 8 / 2048  # two 1-byte moments, one fp32 absmax per block of 2048 (paged: the same bytes)
+    return {"adamw": 2 * param_bytes, "adamw8bit": eight_bit, "paged-adamw8bit": eight_bit, "sgd": 0,
             "sgd-momentum": param_bytes}[setup.optimizer]
 
 
@@ -543,14 +285,42 @@ def frozen_weight_bytes(s: Shape, n: Parameters, fmt: str, tp: int = 1) -> int:
 
 
 def _weights_format(setup: Setup) -> str:
-    """Storage format of the base weights: the explicit ``weights``, else what the mode implies."""
-    if setup.weights:
-        return setup.weights
-    if setup.mode == "qlora":
-        return "nf4-dq"
-    if setup.mode == "full":
-        return "fp32" if dtypes(setup.precision).param == 4 else "bf16"
-    return "fp32" if setup.precision == "fp32" else "bf16"
+    """Storage format of the base weights (``recipe.base_weights``, the one place that decides it),
+    with ``+experts`` when the routed experts are quantized too."""
+    return setup.weights or base_weights(setup.mode, setup.precision)
+
+
+def recipe_of(setup: Setup) -> Recipe:
+    """The recipe a setup runs (``str()`` of it is what ``lowmem plan`` prints); ``RecipeError`` for
+    a setup no recipe describes (say, LoRA in pure bf16). Inference names its 16-bit dtype
+    (bf16-mixed serves bf16 weights)."""
+    weights = (setup.weights or "").removesuffix(EXPERTS_SUFFIX)
+    precision = setup.precision
+    if setup.mode == "inference":
+        precision = base_weights("inference", precision)
+    return Recipe(mode=setup.mode, precision=precision, optimizer=setup.optimizer,
+                  checkpointing=setup.checkpointing == "full", zero=setup.zero,
+                  tensor_parallel=setup.gpus if setup.parallel == "tensor" else 1,
+                  weights=weights if weights in WEIGHTS else None,
+                  experts=bool(setup.weights and setup.weights.endswith(EXPERTS_SUFFIX)))
+
+
+def setup_of(recipe: Recipe | str, batch: int = 1, seq: int = 1024, gpus: int | None = None, lora_rank: int = 16,
+             attention: str = "sdpa", device: str = "cuda") -> Setup:
+    """The estimator's ``Setup`` of ``recipe`` (a ``Recipe`` or its text) on a run of that shape.
+
+    ``gpus`` defaults to what the recipe needs (``tpN``: N); a ``tpN`` recipe on another number of
+    GPUs is refused.
+    """
+    r = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    gpus = gpus or r.gpus_needed
+    if r.tensor_parallel > 1 and gpus != r.tensor_parallel:
+        raise ValueError(f"recipe {r} splits the model over {r.tensor_parallel} GPUs, but the run has {gpus}")
+    weights = r.weights and r.weights + (EXPERTS_SUFFIX if r.experts else "")
+    return Setup(mode=r.mode, precision=r.precision, optimizer=r.optimizer, batch=batch, seq=seq,
+                 checkpointing="full" if r.checkpointing else "none", gpus=gpus, zero=r.zero, lora_rank=lora_rank,
+                 weights=weights, attention=attention, device=device,
+                 parallel="tensor" if r.tensor_parallel > 1 else "data")
 
 
 def adapter_parameters(s: Shape, rank: int) -> int:
@@ -737,120 +507,3 @@ def _inference(name: str, s: Shape, n: Parameters, setup: Setup, tokens: int) ->
                     trainable_parameters=0, bytes=parts, peak_phase="prefill")
 
 
-# ----------------------------------------------------------------------------------------------
-# Planning: which combinations of techniques fit a memory budget, cheapest compute first.
-
-# Compute cost of each technique relative to bf16 full fine-tuning (forward + backward = 6 x params
-# x tokens): rough, published-order-of-magnitude factors used to rank, not to predict time.
-COST = {"full": 1.0, "lora": 0.7, "qlora": 0.85, "inference": 0.33, "checkpointing": 1.33, "fp32": 2.0,
-        "zero": 1.1, "tensor": 1.1}
-DEFAULT_PRECISIONS = ("bf16-mixed", "bf16")  # what ``plan`` tries unless told: GPUs with bf16
-
-
-@dataclass(frozen=True)
-class PlanOption:
-    """One setup that fits: its estimate, recipe (``qlora+checkpointing+bf16``) and relative cost."""
-
-    estimate: Estimate
-    recipe: str
-    cost: float
-
-    def command(self, model: str) -> str:
-        """The ``lowmem estimate`` line that reproduces this option."""
-        s = self.estimate.setup
-        flags = [f"--mode {s.mode}", f"--precision {s.precision}", f"--batch {s.batch}", f"--seq {s.seq}"]
-        if s.mode != "inference":
-            flags += [f"--optimizer {s.optimizer}", f"--checkpointing {s.checkpointing}"]
-        if s.weights:
-            flags.append(f"--weights {s.weights}")
-        if s.gpus > 1:
-            flags.append(f"--gpus {s.gpus}")
-            flags.append("--parallel tensor" if s.parallel == "tensor" else f"--zero {s.zero}")
-        return f"lowmem estimate {shlex.quote(str(model))} " + " ".join(flags)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: recipe, cost, command-line flags and the estimate."""
-        return {"recipe": self.recipe, "cost": round(self.cost, 3), **self.estimate.to_dict()}
-
-
-def recipe(setup: Setup) -> str:
-    """The ``+``-joined technique names of a setup, e.g. ``qlora+checkpointing+bf16-mixed+adamw8bit``."""
-    parts = [setup.mode, setup.precision]
-    if setup.weights and setup.mode == "inference":
-        parts.append(setup.weights)
-    if setup.mode != "inference":
-        if setup.checkpointing == "full":
-            parts.append("checkpointing")
-        if setup.optimizer != "adamw":
-            parts.append(setup.optimizer)
-    if setup.gpus > 1 and setup.zero:
-        parts.append(f"zero{setup.zero}")
-    if setup.parallel == "tensor":
-        parts.append(f"tp{setup.gpus}")
-    return "+".join(parts)
-
-
-def cost(setup: Setup) -> float:
-    """Relative compute cost of ``setup`` (``COST``: bf16 full fine-tuning = 1), for ranking only."""
-    cost = COST[setup.mode]
-    if setup.mode != "inference" and setup.checkpointing == "full":
-        cost *= COST["checkpointing"]
-    if setup.precision == "fp32":
-        cost *= COST["fp32"]
-    if setup.zero:
-        cost *= COST["zero"]
-    if setup.parallel == "tensor":
-        cost *= COST["tensor"]
-    return cost
-
-
-def _check_precisions(precisions: Any) -> tuple[str, ...]:
-    chosen = tuple(dict.fromkeys(precisions))
-    bad = [p for p in chosen if p not in PRECISIONS]
-    if bad or not chosen:
-        raise ValueError(f"precisions must be among {', '.join(PRECISIONS)}, got {', '.join(map(str, bad)) or 'none'}")
-    return chosen
-
-
-def candidates(mode: str | None, batch: int, seq: int, gpus: int, precisions: Any = DEFAULT_PRECISIONS,
-               moe: bool = False) -> list[Setup]:
-    """The setups ``plan`` tries (every mode when ``mode`` is None) in the allowed ``precisions``.
-
-    Full fine-tuning tries each precision; LoRA and QLoRA each but pure bf16 (their adapters train
-    in fp32 anyway); inference serves 16-bit weights in bf16 (from "bf16" or "bf16-mixed"), in fp16
-    (from "fp16-mixed") or fp32, each with the weights as they are, int8 or NF4-dq, and for a MoE
-    model (``moe``) NF4-dq with the experts too. On several GPUs, inference is tried both as
-    replicas and split over the GPUs (``parallel="tensor"``), full fine-tuning with each ZeRO stage.
-    """
-    allowed = _check_precisions(precisions)
-    modes = [mode] if mode else ["full", "lora", "qlora", "inference"]
-    out = []
-    for m in modes:
-        if m == "inference":
-            served = dict.fromkeys("bf16" if p.startswith("bf16") else p for p in allowed)
-            formats = (None, "int8", "nf4-dq") + (("nf4-dq" + EXPERTS_SUFFIX,) if moe else ())
-            out += [Setup(mode=m, precision=p, weights=w, batch=batch, seq=seq, gpus=gpus, parallel=par)
-                    for p in served for par in (("data", "tensor") if gpus > 1 else ("data",)) for w in formats]
-            continue
-        for precision in (allowed if m == "full" else [p for p in allowed if p != "bf16"]):
-            for optimizer in ("adamw", "adamw8bit"):
-                for ckpt in CHECKPOINTING:
-                    for zero in ((0, 1, 2, 3) if gpus > 1 and m == "full" else (0,)):
-                        out.append(Setup(mode=m, precision=precision, optimizer=optimizer, batch=batch, seq=seq,
-                                         checkpointing=ckpt, gpus=gpus, zero=zero))
-    return out
-
-
-def plan(model: str | Path | Any, gpu_memory: int, mode: str | None = None, batch: int = 1, seq: int = 1024,
-         gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS) -> list[PlanOption]:
-    """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes, cheapest compute first
-    (ties: least memory first). ``precisions`` restricts the precisions tried (a T4 has no bf16:
-    ``("fp16-mixed", "fp32")``); ``candidates`` lists what is tried."""
-    fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
-    moe = shape_of(fields).experts > 0
-    fits = []
-    for setup in candidates(mode, batch, seq, gpus, precisions, moe):
-        e = estimate(fields, setup)
-        if e.bytes["total"] <= gpu_memory:
-            fits.append(PlanOption(estimate=e, recipe=recipe(setup), cost=cost(setup)))
-    return sorted(fits, key=lambda o: (o.cost, o.estimate.bytes["total"]))
