@@ -6,9 +6,6 @@ another task of ``lowmem_course.reasoning`` (subtraction). The result ships as a
 
     python -m lowmem_course.skills teach --out runs/subtraction   # retrain the shipped adapter (~5 min CPU)
     python -m lowmem_course.skills eval subtraction   # its accuracy on 500 held-out problems
-
-(The shipped adapter's ``recipe.json`` records the command that made it, from when this lived in
-``lowmem_course.quantize``.)
 """
 
 from __future__ import annotations

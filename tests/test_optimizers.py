@@ -9,7 +9,7 @@ from lowmem_course import measure, optimizers, recipe
 
 @pytest.mark.parametrize("name, cls, moments", [
     ("adamw", torch.optim.AdamW, {"exp_avg", "exp_avg_sq"}),
-    ("adamw8bit", bnb.optim.AdamW8bit, {"state1", "state2"}),
+    ("adamw8bit", bnb.optim.AdamW8bit, {"state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"}),  # 8-bit blocks
     ("sgd", torch.optim.SGD, set()),
     ("sgd-momentum", torch.optim.SGD, {"momentum_buffer"}),
 ])
