@@ -35,7 +35,7 @@ PACKAGE = "lowmem-course"
 STUDENTS = tuple(family.STUDENT_ARCHS)  # the shipped students' architectures
 MIN_FREE_MEMORY = 2 * GiB  # bytes: a Binder machine's size; tools/notebook_memory.py measures each kernel against it
 MIN_FREE_DISK = 1 * GiB  # bytes: room for the notebooks' temporary checkpoints and caches
-INSTALL_FIX = f'pip install -e ".[lab]"   (from the course repository; on Colab the first cell does it)'
+INSTALL_FIX = 'pip install -e ".[lab]"   (from the course repository; on Colab the first cell does it)'
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 

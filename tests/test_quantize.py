@@ -1,6 +1,5 @@
 """lowmem_course.quantize: exact byte counts of the bitsandbytes formats, the CPU fixes, QLoRA plumbing."""
 
-import dataclasses
 import math
 
 import bitsandbytes as bnb
