@@ -9,9 +9,8 @@ Policies, from most memory to least:
     "full"       every decoder layer keeps only its input
 
 Whole-layer policies use transformers' own ``activation_checkpointing_enable`` (non-reentrant
-``torch.utils.checkpoint``); the selective ones wrap the attention or MLP module of each layer in
-torch's ``CheckpointWrapper`` (``apply_activation_checkpointing``, non-reentrant too). ``offloaded``
-moves whatever backward keeps to host memory instead
+``torch.utils.checkpoint``); the selective ones wrap the attention or MLP module's ``forward`` the
+same way. ``offloaded`` moves whatever backward keeps to host memory instead
 (``torch.autograd.graph.save_on_cpu``). ``chunked_cross_entropy`` is the same idea for the loss:
 the logits of a 150k vocabulary are never held whole.
 """
@@ -23,14 +22,24 @@ import re
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointWrapper,
-                                                                         apply_activation_checkpointing)
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_course.family import decoder_layers
 from lowmem_course.steps import IGNORE_INDEX
 
 _EVERY = re.compile(r"every-([1-9][0-9]*)")
+
+
+def _checkpoint_module(module: torch.nn.Module) -> None:
+    """Make ``module`` recompute its forward in backward (non-reentrant) while training."""
+    forward = module.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = checkpointed_forward
 
 
 def enable(model: torch.nn.Module, policy: str) -> None:
@@ -46,8 +55,8 @@ def enable(model: torch.nn.Module, policy: str) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False},
                                               every_n_layers=int(every.group(1)) if every else 1)
     elif policy in ("attention", "mlp"):
-        chosen = {id(layer.self_attn if policy == "attention" else layer.mlp) for layer in decoder_layers(model)}
-        apply_activation_checkpointing(model, check_fn=lambda module: id(module) in chosen)
+        for layer in decoder_layers(model):
+            _checkpoint_module(layer.self_attn if policy == "attention" else layer.mlp)
     else:
         raise ValueError(f"unknown checkpointing policy {policy!r}: choose none, full, every-K (e.g. every-2), "
                          "attention or mlp")
@@ -58,10 +67,8 @@ def disable(model: torch.nn.Module) -> None:
     if getattr(model, "is_activation_checkpointing", False):
         model.activation_checkpointing_disable()
     for layer in decoder_layers(model):
-        for name in ("self_attn", "mlp"):
-            module = getattr(layer, name)
-            if isinstance(module, CheckpointWrapper):
-                setattr(layer, name, module._checkpoint_wrapped_module)
+        for module in (layer.self_attn, layer.mlp):
+            module.__dict__.pop("forward", None)
 
 
 def offloaded(device: str | torch.device) -> contextlib.AbstractContextManager:
