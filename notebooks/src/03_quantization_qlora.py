@@ -35,6 +35,7 @@ course = lab.course_model("student-qwen2")  # LOWMEM_MODEL=<Hub id> swaps in the
 source = course.source  # what family.load and quantize.load_quantized read
 tok = family.load_tokenizer(source)
 N_EVAL = 50  # held-out problems per accuracy (more is slow on a CPU)
+FORMATS = ("int8", "fp4", "nf4", "nf4-dq")  # the lesson's four formats (quantize.FORMATS adds fp4-dq)
 
 # %% [markdown]
 # ## 1 · Predict
@@ -60,7 +61,7 @@ for fmt, bits in theory_bits.items():
 
 # %%
 reference = family.load(source, dtype=torch.bfloat16, device_map={"": str(device)}).eval()
-models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in quantize.FORMATS}
+models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in FORMATS}
 storage = {fmt: quantize.storage_bytes(m) for fmt, m in models.items()}
 print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>11}{'tables':>9}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
 for fmt, s in storage.items():
@@ -98,7 +99,7 @@ plt.show()
 # - accuracy: exact-match answers on `N_EVAL` held-out addition problems (greedy `generate`)
 
 # %%
-errors = {fmt: quantize.layer_errors(reference, models[fmt]) for fmt in quantize.FORMATS}
+errors = {fmt: quantize.layer_errors(reference, models[fmt]) for fmt in FORMATS}
 accuracy = {fmt: student.accuracy(m, tok, n=N_EVAL, seed=0, progress=False) for fmt, m in models.items()}
 print(f"{'format':<8}{'mean layer error':>18}{'worst layer':>13}{'accuracy':>10}")
 for fmt in models:
@@ -169,7 +170,7 @@ print(f"  measured here: subtraction {sub_before:.1%} -> {sub_after:.1%} on {N_E
 
 # %%
 shipped_losses = [float(line.split(",")[1]) for line in
-                  (quantize.adapter_dir(SKILL.task) / "loss.csv").read_text().splitlines()[1:]]
+                  (skills.adapter_dir(SKILL.task) / "loss.csv").read_text().splitlines()[1:]]
 plots.lines(list(range(1, len(shipped_losses) + 1)), {"shipped run": shipped_losses,
             "live run (this notebook)": losses + [float("nan")] * (len(shipped_losses) - len(losses))},
             xlabel="step", ylabel="loss (nats per target token)", title="Training the adapters of the 4-bit student")
@@ -398,7 +399,7 @@ print(f"R1: {r1_experts / 1e9:.0f}B of {family.count_parameters(family.config('r
 # %%
 from peft import PeftModel
 
-merged = PeftModel.from_pretrained(bf16_student(), quantize.adapter_dir(SKILL.task)).merge_and_unload().eval()
+merged = PeftModel.from_pretrained(bf16_student(), skills.adapter_dir(SKILL.task)).merge_and_unload().eval()
 merged_acc = student.accuracy(merged, tok, n=N_EVAL, seed=0, task="subtraction", progress=False)
 print(f"shipped adapter merged into the bf16 student: {type(merged).__name__}, "
       f"subtraction accuracy {merged_acc:.1%} (on the 4-bit base: {sub_after:.1%})")
