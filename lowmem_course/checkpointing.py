@@ -24,16 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label of positions that carry no loss (Hugging Face's convention)
+from lowmem_course.family import decoder_layers
+from lowmem_course.steps import IGNORE_INDEX
+
 _EVERY = re.compile(r"every-([1-9][0-9]*)")
-
-
-def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a ``...ForCausalLM`` (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no model.layers: pass a transformers ...ForCausalLM")
-    return layers
 
 
 def _checkpoint_module(module: torch.nn.Module) -> None:
@@ -61,7 +55,7 @@ def enable(model: torch.nn.Module, policy: str) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False},
                                               every_n_layers=int(every.group(1)) if every else 1)
     elif policy in ("attention", "mlp"):
-        for layer in _layers(model):
+        for layer in decoder_layers(model):
             _checkpoint_module(layer.self_attn if policy == "attention" else layer.mlp)
     else:
         raise ValueError(f"unknown checkpointing policy {policy!r}: choose none, full, every-K (e.g. every-2), "
@@ -72,7 +66,7 @@ def disable(model: torch.nn.Module) -> None:
     """Remove every checkpointing policy from ``model`` (whole-layer and selective)."""
     if getattr(model, "is_activation_checkpointing", False):
         model.activation_checkpointing_disable()
-    for layer in _layers(model):
+    for layer in decoder_layers(model):
         for module in (layer.self_attn, layer.mlp):
             module.__dict__.pop("forward", None)
 

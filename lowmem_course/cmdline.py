@@ -1,6 +1,6 @@
 """What every command line of the package shares: one-line errors with exit code 2, positive integers.
 
-``lowmem``, ``lowmem train``, ``python -m lowmem_course.student`` and ``python -m lowmem_course.quantize``
+``lowmem``, ``lowmem train``, ``python -m lowmem_course.student`` and ``python -m lowmem_course.skills``
 report bad input the same way: one line on stderr, ``PROG: error: REASON``, and exit code 2, never a
 usage block or a traceback. Text that came from the user or from a file (a path, a config's
 ``name_or_path``) goes through ``printable`` before it reaches the terminal, so a newline cannot

@@ -27,14 +27,15 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from lowmem_course import family
 from lowmem_course.cmdline import Parser
 from lowmem_course.units import GiB, format_bytes
 
 PACKAGE = "lowmem-course"
-STUDENTS = ("qwen2", "deepseek_v3")  # the shipped students' architectures (lowmem_course.student.ARCHS)
+STUDENTS = tuple(family.STUDENT_ARCHS)  # the shipped students' architectures
 MIN_FREE_MEMORY = 2 * GiB  # bytes: a Binder machine's size; tools/notebook_memory.py measures each kernel against it
 MIN_FREE_DISK = 1 * GiB  # bytes: room for the notebooks' temporary checkpoints and caches
-INSTALL_FIX = f'pip install -e ".[lab]"   (from the course repository; on Colab the first cell does it)'
+INSTALL_FIX = 'pip install -e ".[lab]"   (from the course repository; on Colab the first cell does it)'
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -90,9 +91,7 @@ def check_device() -> Check:
     """The device the notebooks will use, with its memory on CUDA."""
     import torch
 
-    from lowmem_course.lab import get_device
-
-    device = get_device()
+    device = family.get_device()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return Check("device", OK, f"cuda: {props.name}, {format_bytes(props.total_memory)}")
@@ -106,9 +105,7 @@ def check_bf16() -> Check:
     """Whether a bf16 autocast matmul on the device really computes in bf16."""
     import torch
 
-    from lowmem_course.lab import get_device
-
-    device = get_device()
+    device = family.get_device()
     try:
         x = torch.ones(16, 16, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -132,10 +129,8 @@ def check_bitsandbytes() -> Check:
             import bitsandbytes.functional as F
             import torch
 
-            from lowmem_course.lab import get_device
-
             backend = getattr(bnb.cextension, "BNB_BACKEND", "unknown")
-            weight = torch.linspace(-1, 1, 4096, device=get_device()).reshape(64, 64)
+            weight = torch.linspace(-1, 1, 4096, device=family.get_device()).reshape(64, 64)
             packed, state = F.quantize_4bit(weight, quant_type="nf4")
             error = (F.dequantize_4bit(packed, state) - weight).abs().max().item()
     except Exception as failure:  # noqa: BLE001 - any failure here means 4-bit notebooks cannot run
@@ -177,7 +172,6 @@ def check_disk(path: Path | None = None) -> Check:
 
 def check_student(arch: str) -> Check:
     """Whether the shipped student of ``arch`` and its tokenizer load offline, as ``student.load_student`` does."""
-    from lowmem_course import family
     from lowmem_course.student import student_dir
 
     name, path = f"student {arch}", student_dir(arch)
@@ -197,7 +191,7 @@ def check_student(arch: str) -> Check:
 
 def check_shipped_files() -> Check:
     """The shipped students and adapters against the sha256 of ``students/MANIFEST.sha256``."""
-    from lowmem_course import family, integrity
+    from lowmem_course import integrity
 
     fix = "reinstall the course package (git checkout lowmem_course/students, then pip install -e .)"
     try:

@@ -6,7 +6,8 @@ while keeping what matters for memory: the class, the GQA ratio, MLA's low-rank 
 rope/nope split, the routed + shared experts with a dense first layer, and untied embeddings.
 
 Nothing is downloaded here: ``load`` is the only function that may reach the Hub, and only when it
-is given a Hub id.
+is given a Hub id. ``get_device`` says where the course runs them, ``decoder_layers`` where their
+layers are.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and transformers load lazily: `lowmem estimate` answers without them
     import torch
     from transformers import PretrainedConfig
+
+
+def get_device() -> torch.device:
+    """The best device here: CUDA, then Apple's MPS, then the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,16 @@ def build(cfg: PretrainedConfig, device: str | torch.device = "cpu", dtype: torc
     return model
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a ``...ForCausalLM`` (``model.model.layers``); ``ValueError`` for another model."""
+    import torch
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers: expected a transformers ...ForCausalLM")
+    return layers
+
+
 @dataclass(frozen=True)
 class ParameterCount:
     """Parameters of a model: all of them, and those one token passes through."""
@@ -210,6 +232,7 @@ def count_parameters(cfg: PretrainedConfig) -> ParameterCount:
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 STUDENTS_DIR = Path(__file__).parent / "students"  # the trained students shipped with the package
+STUDENT_ARCHS = {"qwen2": "r1-distill-qwen-1.5b", "deepseek_v3": "r1"}  # shipped student arch -> the member it twins
 
 
 def refuse_shipped(path: Path) -> None:

@@ -1,7 +1,7 @@
 """What every notebook's setup cell calls: versions, device, and the course model.
 
 ``LOWMEM_MODEL`` chooses the model a notebook runs on: unset (the default) gives the tiny offline
-twin of the notebook's family member; a Hub id such as
+twin of the notebook's family member, or the shipped student it trains; a Hub id such as
 ``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B`` (or a local ``save_pretrained`` directory) loads real
 weights, for a learner with a GPU and a network. The same cells run in both cases.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import random
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -20,20 +19,12 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, set_seed
 
 from lowmem_course import REPO_URL, family
+from lowmem_course.family import get_device  # noqa: F401  (the notebooks' and the CLI's lab.get_device)
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "matplotlib", "lowmem-course")
-
-
-def get_device() -> torch.device:
-    """The best device here: CUDA, then Apple's MPS, then the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def library_versions() -> dict[str, str]:
@@ -47,30 +38,30 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def seed_everything(seed: int = 0) -> None:
-    """Seed Python's and PyTorch's generators so a notebook prints the same numbers every run."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @dataclass(frozen=True)
 class CourseModel:
-    """The model a notebook works on: its config, where it comes from, and whether it is tiny."""
+    """The model a notebook works on: its config, where its weights come from, and whether it is tiny."""
 
-    name: str  # family short name, Hub id or directory
+    name: str  # family short name, shipped student, Hub id or directory
     config: PretrainedConfig
-    is_twin: bool  # True for the default offline tiny twin
+    is_twin: bool  # True for the default: a tiny twin or shipped student, offline
+    source: str | None = None  # what family.load (and load_tokenizer) reads; None: a twin, built from config
 
 
 def course_model(default: str = "r1-distill-qwen-1.5b") -> CourseModel:
-    """The notebook's model: ``LOWMEM_MODEL`` when set, else the tiny twin of ``default``."""
-    chosen = os.environ.get("LOWMEM_MODEL", "").strip()
-    if not chosen:
-        return CourseModel(name=f"tiny twin of {default}", config=family.tiny(default), is_twin=True)
+    """The notebook's model: ``LOWMEM_MODEL`` when set, else ``default``.
+
+    ``default`` is a family member (its tiny twin, built from the config, no weights) or a shipped
+    student such as "student-qwen2" (trained weights, loaded with ``family.load(course.source)``).
+    """
     from transformers import AutoConfig
 
-    return CourseModel(name=chosen, config=AutoConfig.from_pretrained(chosen, trust_remote_code=False),
-                       is_twin=False)
+    chosen = os.environ.get("LOWMEM_MODEL", "").strip()
+    if not chosen and family.student_path(default) is None:
+        return CourseModel(name=f"tiny twin of {default}", config=family.tiny(default), is_twin=True)
+    source = chosen or default
+    config = AutoConfig.from_pretrained(family.student_path(source) or source, trust_remote_code=False)
+    return CourseModel(name=source, config=config, is_twin=not chosen, source=source)
 
 
 T = TypeVar("T")
@@ -110,7 +101,7 @@ def start(seed: int = 0) -> torch.device:
     """Set up a notebook: quiet the libraries, seed everything, print library versions and the
     device; return it."""
     quiet_libraries()
-    seed_everything(seed)
+    set_seed(seed)  # Python's, NumPy's and PyTorch's generators: the same numbers every run
     versions = library_versions()
     device = get_device()
     print(" | ".join(f"{name} {v}" for name, v in versions.items()))

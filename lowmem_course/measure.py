@@ -14,16 +14,20 @@ measured on a laptop without allocating it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from lowmem_course import family, steps
+from lowmem_course.optimizers import OptimizerName, make_optimizer  # measure.make_optimizer: the one factory
 from lowmem_course.units import format_bytes
 
 # MemTracker's categories, renamed to the course's words.
@@ -139,39 +143,70 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
             result.snapshot_path = snapshot_path
 
 
-def make_optimizer(model: torch.nn.Module, name: str = "adamw", lr: float = 1e-4) -> torch.optim.Optimizer:
-    """The optimizer ``name`` ("adamw", "sgd" or "sgd-momentum") over the trainable parameters.
+def _arrays(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The dense arrays that hold ``tensor``: itself, a DTensor's local shard, or a sparse tensor's parts."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
+    if tensor.layout == torch.strided:
+        return (tensor,)
+    if tensor.layout == torch.sparse_coo:
+        return tensor._values(), tensor._indices()  # as stored, coalesced or not
+    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return tensor.values(), tensor.crow_indices(), tensor.col_indices()
+    if tensor.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return tensor.values(), tensor.ccol_indices(), tensor.row_indices()
+    raise ValueError(f"storage_bytes cannot read a tensor of layout {tensor.layout}")
 
-    AdamW uses the fused kernel, which updates in place without per-parameter temporaries, so a
-    step holds exactly parameters + gradients + two moments.
+
+def storage_bytes(*tensors: torch.Tensor, counted: set[tuple[str, int]] | None = None) -> int:
+    """Bytes of the distinct storages that hold ``tensors``, each storage counted once.
+
+    Storages, not ``numel``: a view counts the whole storage it views, tensors that share a storage
+    (tied weights, DDP's gradient bucket views, FSDP's padded shards) count it once. A sparse tensor
+    counts its arrays (COO: values and indices; CSR/BSR: values, row pointers and column indices;
+    CSC/BSC likewise), a DTensor the local shard this rank holds. ``counted`` (updated in place)
+    holds the storages counted by earlier calls, which are not counted again: several calls then
+    split one total, as ``quantize.storage_bytes`` does.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, fused=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r}: choose adamw, sgd or sgd-momentum")
+    counted = set() if counted is None else counted
+    total = 0
+    for tensor in tensors:
+        for array in _arrays(tensor):
+            storage = array.untyped_storage()
+            key = (str(storage.device), storage.data_ptr())
+            if key not in counted:
+                counted.add(key)
+                total += storage.nbytes()
+    return total
+
+
+StepFunction = Callable[[torch.nn.Module, torch.optim.Optimizer, torch.Tensor], object]
 
 
 def measure_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
                        autocast_dtype: torch.dtype | None = None, label: str = "", warmup_steps: int = 1,
-                       snapshot_path: str | None = None) -> Measurement:
+                       snapshot_path: str | None = None, step: StepFunction | None = None) -> Measurement:
     """Peak memory of one training step in steady state.
 
     ``warmup_steps`` unmeasured steps run first, so the optimizer state already exists during the
     measured step's forward and backward, as it does for every step of a real run but the first.
+    ``step(model, optimizer, input_ids)`` is the step measured; the default is ``steps.train_step``
+    under autocast in ``autocast_dtype``. Pass your own (a loss scaler, labels, a chunked loss) and
+    give it its autocast dtype yourself.
     """
+    if step is None:
+        step = functools.partial(steps.train_step, autocast_dtype=autocast_dtype)
+    elif autocast_dtype is not None:
+        raise ValueError("autocast_dtype applies to the default step only: pass it to your step instead")
     for _ in range(warmup_steps):
-        steps.train_step(model, optimizer, input_ids, autocast_dtype)
+        step(model, optimizer, input_ids)
     with track(model, optimizer, label=label, snapshot_path=snapshot_path) as measurement:
-        steps.train_step(model, optimizer, input_ids, autocast_dtype)
+        step(model, optimizer, input_ids)
     return measurement
 
 
-def simulate(cfg: PretrainedConfig, mode: str = "train", batch: int = 1, seq: int = 1024,
-             dtype: torch.dtype = torch.float32, optimizer: str = "adamw",
+def simulate(cfg: PretrainedConfig, mode: Literal["train", "inference"] = "train", batch: int = 1, seq: int = 1024,
+             dtype: torch.dtype = torch.float32, optimizer: OptimizerName = "adamw",
              autocast_dtype: torch.dtype | None = None, label: str = "") -> Measurement:
     """Measure a real step of ``cfg`` at full size without allocating it.
 

@@ -8,23 +8,20 @@ The ladder the course climbs, all with ``torch.amp``::
     fp16-mixed                  the same in float16, with a GradScaler against underflow
     bf16                        the weights themselves in bfloat16 (watch small updates)
 
+The step itself is ``steps.train_step(..., autocast_dtype=compute_dtype(p), scaler=make_scaler(...))``.
 Bytes everywhere; nothing here prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Literal, get_args
 
 import torch
 
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")  # the recipes' names for the training ladder
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]  # the recipes' names for the training ladder
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights stored in 16/32 bits, by name
-FP16_MAX = torch.finfo(torch.float16).max  # 65504: larger values overflow to inf
-FP16_TINY = 2.0**-24  # smallest positive (subnormal) float16: smaller values underflow to 0
-
-
-def _device(device: str | torch.device) -> torch.device:
-    return torch.device(device)
 
 
 def bf16_supported(device: str | torch.device) -> bool:
@@ -32,7 +29,7 @@ def bf16_supported(device: str | torch.device) -> bool:
 
     T4/V100-class GPUs (compute capability < 8) answer False: use fp16 with a scaler there.
     """
-    dev = _device(device)
+    dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if dev.type == "mps":
@@ -45,13 +42,13 @@ def autocast_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16_supported(device) else torch.float16
 
 
-def parameter_dtype(precision: str) -> torch.dtype:
+def parameter_dtype(precision: Precision) -> torch.dtype:
     """The dtype the weights are stored in for ``precision`` (bf16 only for pure "bf16")."""
     _check(precision)
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def compute_dtype(precision: str) -> torch.dtype:
+def compute_dtype(precision: Precision) -> torch.dtype:
     """The autocast dtype of ``precision``; float32 (no autocast) for "fp32" and pure "bf16"."""
     _check(precision)
     return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision, torch.float32)
@@ -67,7 +64,7 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None = None) -> co
 
     ``torch.float32`` gives a context that changes nothing, so one code path serves every rung.
     """
-    dev = _device(device)
+    dev = torch.device(device)
     dtype = dtype or autocast_dtype(dev)
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -83,27 +80,9 @@ def make_scaler(device: str | torch.device, dtype: torch.dtype, init_scale: floa
     bf16 has fp32's exponent range, so its gradients do not underflow and need no scaling; a
     disabled scaler passes ``scale(loss)``, ``step`` and ``update`` straight through.
     """
-    dev = _device(device)
+    dev = torch.device(device)
     return torch.amp.GradScaler(dev.type, init_scale=init_scale, growth_interval=growth_interval,
                                 enabled=dtype == torch.float16)
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-               labels: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One causal-LM training step under ``autocast(dtype)`` with loss scaling by ``scaler``.
-
-    ``labels`` default to ``input_ids``. With a float16 scaler, a step whose gradients hold inf or
-    NaN is skipped and the scale halved. Returns the detached (unscaled) loss.
-    """
-    scaler = make_scaler(input_ids.device, dtype) if scaler is None else scaler
-    with autocast(input_ids.device, dtype):
-        loss = model(input_ids=input_ids, labels=input_ids if labels is None else labels).loss
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,8 +5,8 @@ Two families of pruning, with very different memory stories:
 * **Masks** (``prune_unstructured``): magnitude or Wanda scores pick weights to zero, and
   ``torch.nn.utils.prune.custom_from_mask`` applies the mask, which stays in force through every
   later optimizer step. The tensors keep their shape: a dense matrix full of zeros costs the same
-  bytes (more, while the mask is attached). Only a sparse format (``storage_bytes``) or a 2:4 kernel
-  on a GPU turns the zeros into saved memory.
+  bytes (more, while the mask is attached). Only a sparse format (``measure.storage_bytes`` counts
+  one) or a 2:4 kernel on a GPU turns the zeros into saved memory.
 * **Structured** (``prune_heads``, ``prune_mlp_channels``, ``drop_layers``, ``prune_experts``):
   rebuild smaller modules (``nn.Linear`` with fewer rows or columns, fewer decoder layers, fewer
   routed experts), chosen from statistics on calibration tokens. The parameter bytes really shrink.
@@ -24,35 +24,39 @@ generated (special tokens such as ``<think>`` included, nothing re-tokenized).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 import copy
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from transformers import PretrainedConfig
 
-METHODS = ("magnitude", "wanda")
-PATTERNS = ("unstructured", "2:4")
-GROUPS = ("layer", "row")
+from lowmem_course import measure, optimizers, steps
+from lowmem_course.family import decoder_layers
+
+Method = Literal["magnitude", "wanda"]
+Pattern = Literal["unstructured", "2:4"]
+Group = Literal["layer", "row"]
+METHODS, PATTERNS, GROUPS = get_args(Method), get_args(Pattern), get_args(Group)
 
 Batch = dict[str, torch.Tensor]  # ``input_ids`` and optionally ``attention_mask``, shape (batch, tokens)
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a ``...ForCausalLM`` (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no model.layers: expected a transformers ...ForCausalLM")
-    return layers
+def prunable_linears(model: nn.Module, only: str | None = None) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the decoder layers, by qualified name (embeddings, lm_head excluded).
 
-
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the decoder layers, by qualified name (embeddings, lm_head excluded)."""
-    _decoder_layers(model)
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
+    ``only`` keeps those whose name contains it (e.g. "mlp", "self_attn.q_proj"); ``ValueError``
+    when none does.
+    """
+    decoder_layers(model)
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith("model.layers.") and (only is None or only in name)}
+    if not linears:
+        raise ValueError(f"no decoder nn.Linear of {type(model).__name__} has a name containing {only!r}")
+    return linears
 
 
 def _batches(calibration: Batch | Iterable[Batch]) -> list[Batch]:
@@ -173,7 +177,7 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.detach().abs().float() * input_norm.float()
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "layer") -> torch.Tensor:
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per: Group = "layer") -> torch.Tensor:
     """A boolean keep-mask zeroing the ``int(n * sparsity)`` lowest scores of each group exactly.
 
     ``per="layer"`` compares all weights of the matrix (n = its size), ``per="row"`` each output row
@@ -226,16 +230,17 @@ def make_permanent(model: nn.Module) -> None:
 DEFAULT_GROUP = {"magnitude": "layer", "wanda": "row"}  # the Wanda paper's choices for each method
 
 
-def prune_unstructured(model: nn.Module, method: str = "wanda", sparsity: float = 0.5,
-                       calibration: Batch | Iterable[Batch] | None = None,
-                       pattern: str = "unstructured", per: str | None = None) -> dict[str, torch.Tensor]:
+def prune_unstructured(model: nn.Module, method: Method = "wanda", sparsity: float = 0.5,
+                       calibration: Batch | Iterable[Batch] | None = None, pattern: Pattern = "unstructured",
+                       per: Group | None = None, only: str | None = None) -> dict[str, torch.Tensor]:
     """Zero weights of every decoder ``nn.Linear`` with masks; returns the masks, by module name.
 
     ``method`` "magnitude" ranks ``|W|``; "wanda" ranks ``|W| * ||X||`` and needs ``calibration``
     batches. ``per`` is the comparison group ("layer": the whole matrix, "row": each output row);
     ``None`` takes the paper's choice (``DEFAULT_GROUP``: magnitude per layer, Wanda per row).
     ``pattern`` "2:4" ignores ``sparsity`` and ``per`` (always 2 of every 4 weights of a row).
-    Embeddings and ``lm_head`` are never pruned.
+    ``only`` prunes just the linears whose name contains it (``prunable_linears``). Embeddings and
+    ``lm_head`` are never pruned.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -244,7 +249,7 @@ def prune_unstructured(model: nn.Module, method: str = "wanda", sparsity: float 
     if method == "wanda" and calibration is None:
         raise ValueError("wanda needs calibration batches (input_ids of real text)")
     per = DEFAULT_GROUP[method] if per is None else per
-    modules = prunable_linears(model)
+    modules = prunable_linears(model, only)
     norms = input_norms(model, calibration, modules) if method == "wanda" else {}
     masks = {}
     for name, module in modules.items():
@@ -261,26 +266,9 @@ def zero_fraction(modules: Iterable[nn.Module]) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def storage_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of a tensor's format: dense (every element), CSR (values + row pointers + column
-    indices) or COO (values + one index per dimension), each array counted compactly."""
-    if tensor.layout == torch.sparse_csr:
-        parts = (tensor.values(), tensor.crow_indices(), tensor.col_indices())
-    elif tensor.layout == torch.sparse_coo:
-        tensor = tensor.coalesce()
-        parts = (tensor.values(), tensor.indices())
-    elif tensor.layout == torch.strided:
-        return tensor.numel() * tensor.element_size()
-    else:
-        raise ValueError(f"unsupported layout {tensor.layout}")
-    return sum(p.numel() * p.element_size() for p in parts)
-
-
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers of ``model`` (shared tensors counted once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in (*model.parameters(), *model.buffers())}
-    return sum(storages.values())
+    """Bytes of all parameters and buffers of ``model`` (shared storages counted once)."""
+    return measure.storage_bytes(*model.parameters(), *model.buffers())
 
 
 # Structured pruning: rebuild smaller modules.
@@ -373,7 +361,7 @@ def layer_influence(model: nn.Module, calibration: Batch | Iterable[Batch]) -> t
     Averaged over calibration tokens (padding excluded); shape ``(layers,)``. A layer that barely
     turns the residual stream scores near 0 and is the cheapest to drop.
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     totals = torch.zeros(len(layers))
     count = [0]
     token_mask: list[torch.Tensor] = []
@@ -394,7 +382,7 @@ def layer_influence(model: nn.Module, calibration: Batch | Iterable[Batch]) -> t
 
 def drop_layers(model: nn.Module, indices: Iterable[int]) -> None:
     """Delete the decoder layers ``indices`` and renumber the rest (cache slots, ``config``)."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     drop = set(indices)
     if not drop or not drop <= set(range(len(layers))) or len(drop) == len(layers):
         raise ValueError(f"indices must name some but not all of the {len(layers)} layers, got {sorted(drop)}")
@@ -502,17 +490,15 @@ def recover_with_lora(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     """Fine-tune LoRA adapters (peft) on a pruned model, then merge them back in; returns the merged model.
 
     ``batches`` yields ``(input_ids, labels)`` pairs (labels -100 where no loss is taken), one
-    AdamW step each. Merging folds ``B @ A`` into every adapted ``nn.Linear``, so the returned model
-    has exactly the pruned model's shapes and parameter bytes.
+    AdamW step each (``steps.train_loop``). Merging folds ``B @ A`` into every adapted ``nn.Linear``,
+    so the returned model has exactly the pruned model's shapes and parameter bytes.
     """
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                   target_modules=list(target_modules)))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    peft_model.train()
-    for input_ids, labels in batches:
-        peft_model(input_ids=input_ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    # torch's default AdamW kernel (not the fused one): the recovery notebook 04 records, bit for bit
+    optimizer = optimizers.make_optimizer(peft_model, "adamw", lr, fused=False)
+    batches = list(batches)
+    steps.train_loop(peft_model, optimizer, lambda step: batches[step], len(batches))
     return peft_model.merge_and_unload().eval()

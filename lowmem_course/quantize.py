@@ -8,25 +8,21 @@ The formats are bitsandbytes' own, loaded the way a learner loads a Hub model
 - ``nf4-dq``: NF4 with double quantization, the absmax themselves in 8 bits (QLoRA's format).
 
 The module also closes the gaps users fall into: bitsandbytes' CPU repacking of 4-bit weights
-(``disable_cpu_repacking``), the fused 3-D expert weights of transformers 5's MoE layers that 4-bit
-loading leaves in 16 bits (``quantize_experts``), and the small optimizer states of LoRA adapters
-(``make_optimizer``). Byte counts are bytes; bits per weight are bits.
-
-QLoRA teaches the 4-bit student a skill it never saw (``SkillConfig``, ``teach``); the result ships
-as an adapter under ``students/adapters/<task>/`` with the recipe and accuracy it reached::
-
-    python -m lowmem_course.quantize teach --out runs/subtraction   # retrain the shipped adapter (~5 min CPU)
-    python -m lowmem_course.quantize eval subtraction   # its accuracy on 500 held-out problems
+(``disable_cpu_repacking``) and the fused 3-D expert weights of transformers 5's MoE layers that 4-bit
+loading leaves in 16 bits (``quantize_experts``). Byte counts are bytes; bits per weight are bits.
+The 8-bit optimizers are in ``lowmem_course.optimizers``; the QLoRA run that teaches the 4-bit
+student a new skill, and its shipped adapter, in ``lowmem_course.skills``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -34,14 +30,14 @@ import torch
 from bitsandbytes.functional import QuantState
 from transformers import BitsAndBytesConfig
 
-from lowmem_course import family
+from lowmem_course import family, measure
 
-FORMATS = ("int8", "fp4", "nf4", "nf4-dq", "fp4-dq")
+Format = Literal["int8", "fp4", "nf4", "nf4-dq", "fp4-dq"]
+FORMATS: tuple[str, ...] = get_args(Format)
 FUSED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # transformers 5's 3-D MoE expert parameters
-OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit")
 
 
-def bnb_config(fmt: str, compute_dtype: torch.dtype = torch.bfloat16,
+def bnb_config(fmt: Format, compute_dtype: torch.dtype = torch.bfloat16,
                skip_modules: list[str] | None = None) -> BitsAndBytesConfig:
     """The ``BitsAndBytesConfig`` that loads a model in ``fmt`` (one of ``FORMATS``).
 
@@ -88,7 +84,7 @@ def fix_cpu_dequantize() -> None:
     _CPU_DEQUANTIZE_FIXED = True
 
 
-def load_quantized(name_or_path: str | Path, fmt: str, device: str | torch.device = "cpu",
+def load_quantized(name_or_path: str | Path, fmt: Format, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> torch.nn.Module:
     """Load a model (save_pretrained directory, shipped student or Hub id) with its linear maps in ``fmt``.
 
@@ -170,16 +166,16 @@ def _expert_states(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Qua
 
 
 def storage_bytes(model: torch.nn.Module) -> StorageBytes:
-    """Measure the bytes of ``model``'s weights from its real buffers (see ``StorageBytes``)."""
-    seen: set[int] = set()
+    """Measure the bytes of ``model``'s weights from its real buffers, by role (see ``StorageBytes``).
+
+    ``measure.storage_bytes`` counts each storage once, in the first role that claims it.
+    """
+    counted: set[tuple[str, int]] = set()
     sums = dict.fromkeys(("codes", "constants", "tables", "other"), 0)
     quantized = 0
 
     def add(role: str, tensor: torch.Tensor) -> None:
-        key = tensor.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            sums[role] += tensor.untyped_storage().nbytes()
+        sums[role] += measure.storage_bytes(tensor, counted=counted)
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -302,264 +298,9 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_optimizer(model: torch.nn.Module, name: str = "adamw", lr: float = 1e-3,
-                   min_8bit_size: int = 4096) -> torch.optim.Optimizer:
-    """An optimizer over ``model``'s trainable parameters: "adamw", "adamw8bit" or "paged-adamw8bit".
-
-    The 8-bit AdamW of bitsandbytes keeps both moments in 1 byte (blockwise quantized) instead of 4,
-    but only for tensors of at least ``min_8bit_size`` elements; smaller ones (the LoRA matrices of a
-    small model) keep fp32 moments. "paged" moments live in CUDA unified memory, which the driver
-    moves to CPU RAM when the GPU runs out; on a CPU there is nothing to page and bitsandbytes falls
-    back to the plain 8-bit optimizer (with a warning).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if name == "adamw8bit":
-        return bnb.optim.AdamW8bit(params, lr=lr, min_8bit_size=min_8bit_size)
-    if name == "paged-adamw8bit":
-        return bnb.optim.PagedAdamW8bit(params, lr=lr, min_8bit_size=min_8bit_size)
-    raise ValueError(f"unknown optimizer {name!r}: choose from {', '.join(OPTIMIZERS)}")
-
-
-def train_adapters(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int,
-                   schedule: Callable[[int], float] | None = None, grad_clip: float | None = None,
-                   progress: bool = False) -> list[float]:
-    """Train for ``steps`` steps on ``batches(step) -> (input_ids, labels)``; returns the losses (nats/token).
-
-    Plain loop: forward with labels, backward, optimizer step. ``schedule(step)`` sets the learning
-    rate of every step (default: the optimizer's), ``grad_clip`` clips the trainable parameters'
-    gradient norm. The model is left in eval mode.
-    """
-    if steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    losses = []
-    model.train()
-    for step in tqdm(range(steps), desc="train adapters", disable=not progress):
-        if schedule is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = schedule(step)
-        input_ids, labels = batches(step)
-        loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-# ----------------------------------------------------------------------------------------------
-# A new skill for the 4-bit student: the recipe, the run, the shipped adapter.
-
-ADAPTERS_DIR = family.STUDENTS_DIR / "adapters"  # shipped QLoRA adapters, one folder per skill
-ADAPTER_EVAL_N, ADAPTER_EVAL_SEED = 500, 0  # the held-out set each adapter's recipe.json records
-ADAPTER_TARGET_ACCURACY = 0.80  # what a shipped adapter must reach on its task
-
-
-@dataclass(frozen=True)
-class SkillConfig:
-    """The recipe of a QLoRA run that teaches the shipped ``arch`` student a ``task`` of ``reasoning``.
-
-    The base is the student in ``fmt`` (frozen), the adapters LoRA of ``rank`` on every linear map;
-    AdamW at ``lr`` after ``warmup`` linear steps, cosine decay to ``lr * min_lr_ratio``;
-    ``batch_size`` fresh training-split problems per step. ``checkpointing`` recomputes each
-    decoder layer in backward (as the QLoRA paper does): same gradients, fewer saved activations.
-    """
-
-    task: str = "subtraction"
-    arch: str = "qwen2"
-    fmt: str = "nf4-dq"
-    rank: int = 8
-    alpha: int = 16
-    lr: float = 1e-2
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    steps: int = 400
-    batch_size: int = 64
-    grad_clip: float = 1.0
-    checkpointing: bool = True
-    seed: int = 0
-
-    def learning_rate(self, step: int) -> float:
-        """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def skill_batches(cfg: SkillConfig) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """``batches(step)``: ``cfg.batch_size`` training-split ``cfg.task`` problems, fresh and seeded per step.
-
-    Tokenized with ``reasoning.make_tokenizer()``, the tokenizer the students were trained with (it
-    keeps ``<think>`` and ``</think>`` as one token each in the traces).
-    """
-    from lowmem_course import reasoning, student
-
-    tok = reasoning.make_tokenizer()
-
-    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        problems = reasoning.sample(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train", task=cfg.task)
-        return student.make_batch(problems, tok)
-
-    return batches
-
-
-def teach(cfg: SkillConfig, device: str | torch.device = "cpu", progress: bool = True,
-          batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-          ) -> tuple[torch.nn.Module, Any, list[float]]:
-    """Run ``cfg``: the 4-bit student with fresh adapters, trained on ``cfg.task``.
-
-    ``batches(step) -> (input_ids, labels)`` replaces ``skill_batches(cfg)`` (say, to mix tasks).
-    Returns the PeftModel (eval mode), the student's tokenizer and the loss of every step (nats per
-    target token). Seeded: the same config gives the same adapters on the same machine.
-    """
-    from lowmem_course import reasoning, student
-
-    torch.manual_seed(cfg.seed)
-    base = student.student_dir(cfg.arch)
-    tok = reasoning.make_tokenizer()
-    model = add_lora(load_quantized(base, cfg.fmt, device=device), rank=cfg.rank, alpha=cfg.alpha,
-                     checkpointing=cfg.checkpointing, seed=cfg.seed)
-    optimizer = make_optimizer(model, "adamw", lr=cfg.lr)
-    losses = train_adapters(model, optimizer, batches or skill_batches(cfg), cfg.steps, schedule=cfg.learning_rate,
-                            grad_clip=cfg.grad_clip, progress=progress)
-    return model, tok, losses
-
-
-def adapter_dir(name: str) -> Path:
-    """Where the shipped adapter ``name`` lives (``adapter_model.safetensors`` + ``recipe.json``)."""
-    return ADAPTERS_DIR / name
-
-
-def adapter_recipe(name_or_path: str | Path) -> tuple[Path, dict]:
-    """The folder and recipe of a saved adapter: a shipped adapter's name ("subtraction") or a
-    directory written by ``save_adapter``. ``FileNotFoundError`` without ``recipe.json``, ``ValueError``
-    (one line) when it is not a recipe with a ``skill_config``."""
-    import json
-
-    path = Path(name_or_path)
-    if not path.is_dir():
-        path = adapter_dir(str(name_or_path))
-    if not (path / "recipe.json").is_file():
-        raise FileNotFoundError(f"no adapter at {name_or_path!r}: expected a folder with recipe.json "
-                                f"(shipped: {', '.join(sorted(p.name for p in ADAPTERS_DIR.glob('*'))) or 'none'})")
-    try:
-        recipe = json.loads((path / "recipe.json").read_text())
-        SkillConfig(**recipe["skill_config"])
-    except (ValueError, RecursionError, TypeError, KeyError) as err:  # not JSON, not an object, unknown fields
-        raise ValueError(f"{path / 'recipe.json'} is not an adapter recipe with a skill_config "
-                         f"({type(err).__name__}: {err})") from None
-    return path, recipe
-
-
-def load_adapter(name_or_path: str | Path, device: str | torch.device = "cpu",
-                 ) -> tuple[torch.nn.Module, Any, dict]:
-    """The 4-bit student with a saved adapter on top, the reasoning tokenizer and the adapter's recipe.
-
-    ``name_or_path`` is a shipped adapter's name ("subtraction") or a directory written by
-    ``save_adapter`` (``adapter_recipe``). The base is loaded in the recipe's format, CPU repacking
-    switched off.
-    """
-    from peft import PeftModel
-
-    from lowmem_course import reasoning, student
-
-    path, recipe = adapter_recipe(name_or_path)
-    cfg = SkillConfig(**recipe["skill_config"])
-    base = student.student_dir(cfg.arch)
-    model = PeftModel.from_pretrained(load_quantized(base, cfg.fmt, device=device), path).eval()
-    disable_cpu_repacking(model)
-    return model, reasoning.make_tokenizer(), recipe
-
-
-def save_adapter(model: torch.nn.Module, out: Path, losses: list[float], recipe: dict) -> None:
-    """Write the adapters (``save_pretrained``: safetensors + adapter config), ``loss.csv`` and ``recipe.json``."""
-    import json
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
-    name_base(out, f"student-{recipe.get('skill_config', {}).get('arch', SkillConfig.arch)}")
-    from lowmem_course.student import write_record
-
-    write_record(out, list(enumerate(losses, start=1)), recipe)
-
-
 def name_base(adapter: Path, base: str) -> None:
     """Record ``base`` (a name such as ``student-qwen2``) as the base model in a saved adapter's
     ``adapter_config.json``, instead of the path PEFT wrote (this machine's, maybe a temporary folder)."""
-    import json
-
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``teach`` a skill with QLoRA into ``--out``, or ``eval`` a saved adapter; bad input: one line, exit 2."""
-    import shlex
-    import sys
-    import time
-    from dataclasses import asdict
-
-    from lowmem_course import reasoning, student
-    from lowmem_course.cmdline import Parser, check_out_folder, positive_int
-
-    parser = Parser(prog="python -m lowmem_course.quantize",
-                    description="QLoRA adapters that teach the 4-bit student a new skill")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_teach = sub.add_parser("teach", help="train an adapter from its seed and save it to --out")
-    p_teach.add_argument("--task", choices=sorted(reasoning.TASKS), default=SkillConfig.task)
-    p_teach.add_argument("--out", type=Path, required=True,
-                         help="directory to save to (outside the package: the shipped adapter is never overwritten)")
-    p_teach.add_argument("--steps", type=positive_int, default=SkillConfig.steps)
-    p_teach.add_argument("--seed", type=int, default=SkillConfig.seed)
-    p_eval = sub.add_parser("eval", help="exact-match accuracy of a saved adapter on the 4-bit student")
-    p_eval.add_argument("adapter", help="a shipped adapter's name (e.g. subtraction) or a directory")
-    p_eval.add_argument("--n", type=positive_int, default=ADAPTER_EVAL_N, help="number of held-out problems")
-    p_eval.add_argument("--seed", type=int, default=ADAPTER_EVAL_SEED, help="seed that draws the held-out problems")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "eval":
-            path, recipe = adapter_recipe(args.adapter)
-            task = recipe["skill_config"]["task"]
-            reasoning.check_available(args.n, "heldout", task)
-            model, tok, _ = load_adapter(path)
-            print(f"{task} accuracy: {student.accuracy(model, tok, n=args.n, seed=args.seed, task=task):.3f}")
-            return 0
-        check_out_folder(args.out)
-    except (FileNotFoundError, ValueError) as err:
-        parser.fail(err)
-    cfg = SkillConfig(task=args.task, steps=args.steps, seed=args.seed)
-    fix_cpu_dequantize()
-    before_model = load_quantized(student.student_dir(cfg.arch), cfg.fmt)
-    start = time.perf_counter()
-    model, tok, losses = teach(cfg)
-    wall = time.perf_counter() - start
-    before = student.accuracy(before_model, tok, n=ADAPTER_EVAL_N, seed=ADAPTER_EVAL_SEED, task=cfg.task)
-    acc = student.accuracy(model, tok, n=ADAPTER_EVAL_N, seed=ADAPTER_EVAL_SEED, task=cfg.task)
-    args_text = shlex.join(argv if argv is not None else sys.argv[1:])
-    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python -m lowmem_course.quantize {args_text}"
-    save_adapter(model, args.out, losses, dict(
-        command=command, skill_config=asdict(cfg), trainable_parameters=trainable_parameters(model),
-        wall_seconds=round(wall, 1), final_loss=round(sum(losses[-10:]) / len(losses[-10:]), 6),
-        accuracy_before=before, accuracy=acc, eval_n=ADAPTER_EVAL_N, eval_seed=ADAPTER_EVAL_SEED,
-        eval_split="heldout", threads=torch.get_num_threads(), torch=torch.__version__))
-    print(f"saved to {args.out} ({wall:.0f} s)")
-    print(f"{cfg.task} accuracy: {before:.3f} -> {acc:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Mode = Literal["full", "lora", "qlora", "inference"]
 MODES: tuple[str, ...] = ("full", "lora", "qlora", "inference")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
 WEIGHTS: tuple[str, ...] = ("int8", "nf4", "fp4", "nf4-dq", "fp4-dq")  # quantized storage of a frozen base
 FOUR_BIT: tuple[str, ...] = ("nf4", "fp4", "nf4-dq", "fp4-dq")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "paged-adamw8bit", "sgd", "sgd-momentum")
+OptimizerName = Literal["adamw", "adamw8bit", "paged-adamw8bit", "sgd", "sgd-momentum"]  # optimizers.make_optimizer's
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 CHECKPOINTING, EXPERTS = "checkpointing", "experts"
 QLORA_WEIGHTS = "nf4-dq"  # QLoRA's base: NF4 with double quantization (Dettmers et al., 2023)
 _ZERO = re.compile(r"zero([123])")
@@ -52,7 +53,7 @@ class Recipe:
 
     mode: Mode = "full"
     precision: str = "fp32"
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     checkpointing: bool = False
     zero: int = 0  # ZeRO stage (full fine-tuning sharded over several GPUs)
     tensor_parallel: int = 1  # GPUs one served model is split over (inference)

@@ -13,11 +13,13 @@ rank. This module is what a notebook calls around it:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,11 +64,29 @@ def torchrun_command(script_args: list[str], nproc_per_node: int = 2, nnodes: in
             "-m", SCRIPT, *script_args]
 
 
-def _failure(stderr: str, returncode: int) -> RankFailed:
-    """The ``RankFailed`` for a torchrun job that exited with ``returncode``, read from its stderr.
+def error_records(log_dir: Path) -> dict[int, str]:
+    """The error of each rank that recorded one in a torchrun log folder, by rank (one line each).
 
-    torchrun's summary names the root-cause rank and its exit code (negative: killed by a signal);
-    the last exception that rank printed (or an argument error, printed before ranks exist) says why.
+    A rank whose main is wrapped in torch's ``@record`` (``shard_train.main`` is) writes its uncaught
+    exception to ``<log_dir>/<run>/attempt_<n>/<local rank>/error.json``; a rank killed by a signal
+    writes nothing. Local rank is the rank here: ``launch`` runs one node.
+    """
+    records = {}
+    for path in sorted(Path(log_dir).glob("*/attempt_*/*/error.json")):
+        try:
+            message = json.loads(path.read_text())["message"]["message"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        records[int(path.parent.name)] = next(iter(str(message).strip().splitlines()), "")
+    return records
+
+
+def _failure(stderr: str, returncode: int, records: dict[int, str] | None = None) -> RankFailed:
+    """The ``RankFailed`` for a torchrun job that exited with ``returncode``.
+
+    torchrun's summary in ``stderr`` names the root-cause rank and its exit code (negative: killed by
+    a signal). Why it died: that rank's error record (``error_records``) when it wrote one, else the
+    last exception it printed (or an argument error, printed before ranks exist).
     """
     summary = stderr[stderr.find("Root Cause"):] if "Root Cause" in stderr else stderr
     match = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", summary, re.DOTALL)
@@ -74,10 +94,11 @@ def _failure(stderr: str, returncode: int) -> RankFailed:
         return RankFailed(None, None, f"torchrun exited {returncode}: {stderr.strip()[-300:]}")
     rank, code = int(match.group(1)), int(match.group(2))
     how = f" ({signal.Signals(-code).name})" if -code in {s.value for s in signal.Signals} else ""
-    errors = (re.findall(rf"^\[rank{rank}\]: (\w+(?:Error|Exception): .+)$", stderr, re.MULTILINE)
-              or re.findall(r"^(\w+(?:Error|Exception): .+|[\w.]+: error: .+)$", stderr, re.MULTILINE)
-              or re.findall(r"^(?:\[rank\d+\]: )?\s*(terminate called .+|what\(\): .+)$", stderr, re.MULTILINE))
-    why = f": {errors[-1]}" if errors else ""
+    printed = (re.findall(rf"^\[rank{rank}\]: (\w+(?:Error|Exception): .+)$", stderr, re.MULTILINE)
+               or re.findall(r"^(\w+(?:Error|Exception): .+|[\w.]+: error: .+)$", stderr, re.MULTILINE)
+               or re.findall(r"^(?:\[rank\d+\]: )?\s*(terminate called .+|what\(\): .+)$", stderr, re.MULTILINE))
+    error = (records or {}).get(rank) or (printed[-1] if printed else "")
+    why = f": {error}" if error else ""
     return RankFailed(rank, code, f"rank {rank} died with exit code {code}{how}{why} (torchrun exited {returncode})")
 
 
@@ -87,17 +108,18 @@ def launch(script_args: list[str], nproc: int = 2, timeout_s: float = 120.0) -> 
     Raises ``RankFailed`` (rank, exit code and the rank's error) when a rank dies, and ``TimeoutError``
     after ``timeout_s`` seconds, having killed the whole job (no hung collective outlives the call).
     """
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    with subprocess.Popen(torchrun_command(script_args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise TimeoutError(f"torchrun with {nproc} ranks did not finish in {timeout_s:g} s: killed it") from None
-    if proc.returncode != 0:
-        raise _failure(stderr, proc.returncode)
+    with tempfile.TemporaryDirectory(prefix="lowmem-torchrun-") as logs:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "PET_LOG_DIR": logs}  # torchrun --log-dir: the error records
+        with subprocess.Popen(torchrun_command(script_args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, start_new_session=True) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise TimeoutError(f"torchrun with {nproc} ranks did not finish in {timeout_s:g} s: killed it") from None
+        if proc.returncode != 0:
+            raise _failure(stderr, proc.returncode, error_records(Path(logs)))
     return stdout
 
 

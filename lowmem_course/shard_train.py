@@ -43,32 +43,21 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lowmem_course import family, measure, steps
+from lowmem_course import family, measure, optimizers, steps
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3-bf16", "zero3-offload", "qlora", "qlora-uint8")
 META_FILE = "lowmem_shard_meta.json"  # written beside every checkpoint: which model it belongs to
-LR = 1e-3
+LR = 1e-3  # AdamW's learning rate in every run here
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def storage_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` on this rank (a DTensor counts its local shard).
-
-    Storages, not ``numel``: FSDP's padding and DDP's gradient buckets are counted as allocated.
-    """
-    storages = {}
-    for t in tensors:
-        storage = _local(t).untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -118,18 +107,16 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if strategy == "zero3-offload":
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    for layer in model.model.layers:
+    for layer in family.decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
     return model
 
 
 def make_optimizer(model: torch.nn.Module, strategy: str) -> torch.optim.Optimizer:
-    """AdamW over ``model``; for ``zero1`` wrapped in ``ZeroRedundancyOptimizer`` (each rank keeps 1/N of the state)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if strategy == "zero1":
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=LR)
-    return torch.optim.AdamW(params, lr=LR)
+    """AdamW at ``LR`` over ``model`` (torch's default kernel, ``fused=False``, as these runs always used);
+    for ``zero1`` wrapped in ``ZeroRedundancyOptimizer`` (each rank keeps 1/N of the state)."""
+    return optimizers.make_optimizer(model, "adamw", LR, zero=strategy == "zero1", fused=False)
 
 
 def batch_for(step: int, rank: int, vocab: int, batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -159,9 +146,9 @@ def measure_strategy(cfg, strategy: str, args: argparse.Namespace, device: torch
     opt.step()
     params = list(model.parameters())
     trainable = sum(_local(p).numel() for p in params if p.requires_grad)
-    state = {"parameters": storage_bytes(params),
-             "gradients": storage_bytes([p.grad for p in params if p.grad is not None]),
-             "optimizer": storage_bytes(optimizer_tensors(opt))}
+    state = {"parameters": measure.storage_bytes(*params),
+             "gradients": measure.storage_bytes(*(p.grad for p in params if p.grad is not None)),
+             "optimizer": measure.storage_bytes(*optimizer_tensors(opt))}
     opt.zero_grad(set_to_none=True)
     return {"strategy": strategy, "rank": rank, "state": state, "peak_bytes": peak_bytes,
             "state_device": str(_local(params[0]).device),
@@ -219,10 +206,7 @@ def train(cfg, args: argparse.Namespace, device: torch.device, ckpt_dir: Path | 
         if rank == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             (ckpt_dir / META_FILE).write_text(json.dumps(checkpoint_meta(cfg)))
-    losses = []
-    for step in range(start, args.train_steps):
-        ids = batch_for(step, rank, cfg.vocab_size, args.batch, args.seq, device)
-        losses.append(steps.train_step(model, opt, ids).item())
+    def after(step: int, loss: float) -> None:
         done = step + 1
         if ckpt_dir is not None and done % args.ckpt_every == 0:
             model_sd, optim_sd = get_state_dict(model, opt)
@@ -233,6 +217,9 @@ def train(cfg, args: argparse.Namespace, device: torch.device, ckpt_dir: Path | 
                 (path / ".done").touch()  # written only once every rank has saved its shard
         if kill and rank == args.kill_rank and done == args.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    losses = steps.train_loop(model, opt, lambda step: (batch_for(step, rank, cfg.vocab_size, args.batch, args.seq, device),),
+                              args.train_steps, start=start, on_step=after)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0 and final:
         save_file({k: v.detach().clone().contiguous() for k, v in full.items()}, final,
@@ -268,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@record  # an uncaught exception is written to torchrun's error file: shard.launch names the rank and why
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()

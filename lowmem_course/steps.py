@@ -1,14 +1,30 @@
-"""The training and inference steps that every measurement in the course runs.
+"""The training and inference steps that every measurement and every training run in the course runs.
 
-Kept in one place so that a measured step, a simulated full-size step and a notebook's step are
-the same code.
+Kept in one place so that a measured step, a simulated full-size step, a notebook's step and the
+runs of ``lowmem train``, the students, the skills experiment and pruning's recovery are the same code:
+
+- ``train_step``: one optimizer step: forward with labels (and an attention mask) under autocast,
+  backward (through a loss scaler for fp16; over ``accumulate`` micro-batches), clip, step, zero grads;
+- ``train_loop``: ``train_step`` for each step of a run: the step's batch and learning rate, a start
+  step to resume from, a callback after each step (logging, checkpoints), an optional progress bar;
+- ``warmup_cosine``: the learning-rate schedule of the course's runs;
+- ``pad_right``: a training batch from token ids and labels, padded by the tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from lowmem_course import precision
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (Hugging Face's convention)
+Batch = tuple[torch.Tensor, ...]  # (input_ids, labels) or (input_ids, labels, attention_mask), batch x tokens
 
 
 def random_batch(vocab_size: int, batch: int, seq: int, device: str | torch.device = "cpu",
@@ -20,23 +36,124 @@ def random_batch(vocab_size: int, batch: int, seq: int, device: str | torch.devi
     return torch.randint(0, vocab_size, (batch, seq), generator=generator).to(device)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One causal-LM training step (forward, loss, backward, optimizer step, zero grads).
+def pad_right(rows: Sequence[tuple[Sequence[int], Sequence[int]]], tokenizer: Any) -> Batch:
+    """A training batch from ``(token ids, labels)`` rows: ``(input_ids, labels, attention_mask)``.
 
-    The model output is dropped as soon as the loss is taken, so only what autograd saved stays
-    alive, as in a real training loop. ``autocast_dtype`` (bf16 or fp16) runs the forward pass
-    under ``torch.autocast``. Returns the detached loss.
+    ``input_ids`` are right-padded with the tokenizer's pad token by ``tokenizer.pad`` (whatever
+    side it pads for generation), ``labels`` with ``IGNORE_INDEX``, and ``attention_mask`` is 0 on
+    the padding; int64, shape (rows, longest row). Each row's ids and labels have the same length.
     """
-    device_type = input_ids.device.type
-    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
-    with autocast:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    optimizer.step()
+    if not rows or any(len(ids) != len(labels) for ids, labels in rows):
+        raise ValueError("need at least one row, each with as many labels as token ids")
+    encoded = tokenizer.pad({"input_ids": [list(ids) for ids, _ in rows]}, padding_side="right",
+                            return_attention_mask=True, return_tensors="pt")
+    labels = pad_sequence([torch.tensor(labels) for _, labels in rows], batch_first=True, padding_value=IGNORE_INDEX)
+    return encoded["input_ids"], labels, encoded["attention_mask"]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+               labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               grad_clip: float | None = None, accumulate: int = 1) -> torch.Tensor:
+    """One causal-LM training step; returns the detached loss (nats per target token).
+
+    Forward with ``labels`` (default: ``input_ids``) and ``attention_mask`` under
+    ``torch.autocast(autocast_dtype)`` (None or float32: no autocast); backward, through ``scaler``
+    when one is given (a ``torch.amp.GradScaler``: ``precision.make_scaler``); the trainable
+    parameters' gradient norm clipped to ``grad_clip``; the optimizer step; gradients set to None.
+    The model output is dropped as soon as the loss is taken, so only what autograd saved stays
+    alive, as in every real training loop.
+
+    ``accumulate`` > 1 splits the batch into that many micro-batches (along dim 0) and runs forward
+    and backward on each before the one optimizer step: the activations of one micro-batch at a
+    time, the gradients of the whole batch. Each micro-batch's loss is its summed token losses over
+    the whole batch's target tokens (transformers' ``num_items_in_batch``), so loss and gradients
+    equal the whole batch's up to rounding.
+    """
+    if not 1 <= accumulate <= input_ids.shape[0]:
+        raise ValueError(f"accumulate must be in 1..{input_ids.shape[0]} (the batch size), got {accumulate}")
+    labels = input_ids if labels is None else labels
+    if accumulate == 1:
+        with precision.autocast(input_ids.device, autocast_dtype or torch.float32):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    else:
+        targets = (labels[..., 1:] != IGNORE_INDEX).sum()  # what the whole batch's mean loss divides by
+        masks = [None] * accumulate if attention_mask is None else attention_mask.tensor_split(accumulate)
+        loss = torch.zeros((), device=input_ids.device)
+        for ids, micro_labels, mask in zip(input_ids.tensor_split(accumulate), labels.tensor_split(accumulate), masks):
+            with precision.autocast(input_ids.device, autocast_dtype or torch.float32):
+                part = model(input_ids=ids, attention_mask=mask, labels=micro_labels, num_items_in_batch=targets).loss
+            (part if scaler is None else scaler.scale(part)).backward()
+            loss += part.detach()
+    if grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when the fp16 gradients hold inf or NaN
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def warmup_cosine(lr: float, warmup: int, steps: int, min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    """The learning rate of each step (0-based) of a ``steps``-step run: linear warmup over the first
+    ``warmup`` steps up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at step ``steps``."""
+    if lr <= 0 or warmup < 0 or steps <= 0 or not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"need lr > 0, warmup >= 0, steps > 0 and 0 <= min_lr_ratio <= 1, got lr={lr}, "
+                         f"warmup={warmup}, steps={steps}, min_lr_ratio={min_lr_ratio}")
+
+    def learning_rate(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return learning_rate
+
+
+def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Batch],
+               steps: int, *, start: int = 0, schedule: Callable[[int], float] | None = None,
+               on_step: Callable[[int, float], None] | None = None,
+               around_step: Callable[[int], contextlib.AbstractContextManager] | None = None,
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               grad_clip: float | None = None, accumulate: int = 1, progress: bool = False,
+               desc: str = "train") -> list[float]:
+    """Train steps ``start`` to ``steps - 1`` with ``train_step``; returns their losses (nats per target token).
+
+    Step ``i`` trains on ``batches(i)`` (``(input_ids, labels[, attention_mask])``, moved to the
+    model's device) at the learning rate ``schedule(i)`` (default: the optimizer's own), with the
+    step options of ``train_step``. ``start`` > 0 resumes a run: the steps before it are not run.
+    ``on_step(i, loss)`` runs after each step (logging, checkpoints; an exception stops the run),
+    ``around_step(i)`` is a context the step runs in (say, a memory measurement of the last one).
+    ``progress`` shows a tqdm bar labelled ``desc``. The model trains in train mode and is left in
+    eval mode.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if not 0 <= start <= steps:
+        raise ValueError(f"start must be in 0..{steps} (steps), got {start}")
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress):
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(step)
+        batch = tuple(t.to(device) for t in batches(step))
+        with around_step(step) if around_step is not None else contextlib.nullcontext():
+            loss = train_step(model, optimizer, *batch, autocast_dtype=autocast_dtype, scaler=scaler,
+                              grad_clip=grad_clip, accumulate=accumulate).item()
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss)
+    model.eval()
+    return losses
 
 
 def prefill_step(model: torch.nn.Module, input_ids: torch.Tensor) -> object:

@@ -19,7 +19,6 @@ over the shipped student)::
 from __future__ import annotations
 
 import json
-import math
 import random
 import shlex
 import sys
@@ -31,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from lowmem_course import family
+from lowmem_course import family, optimizers, steps
 from lowmem_course.cmdline import Parser, check_out_folder, positive_int
 from lowmem_course.reasoning import MODEL_VOCAB_SIZE, Problem, check_available, make_tokenizer, parse_answer, sample
 
-ARCHS = {"qwen2": "r1-distill-qwen-1.5b", "deepseek_v3": "r1"}  # student arch -> family member
+ARCHS = family.STUDENT_ARCHS  # student arch -> family member
 EVAL_N, EVAL_SEED = 500, 0  # the held-out set each recipe.json records
 TARGET_ACCURACY = {"qwen2": 0.90, "deepseek_v3": 0.80}  # what a shipped student must reach on it
 STEPS = {"qwen2": 1000, "deepseek_v3": 2000}  # training steps of the shipped students
@@ -85,32 +84,28 @@ class TrainConfig:
 
 
 def make_batch(problems: list[Problem], tok: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``labels`` (shape batch x tokens) for teacher forcing.
+    """Right-padded ``input_ids`` and ``labels`` (shape batch x tokens) for teacher forcing (``steps.pad_right``).
 
     Labels are -100 on the prompt and the padding: the student learns to write the trace, the
-    answer and ``<eos>``, not to guess the random numbers it is asked about.
+    answer and ``<eos>``, not to guess the random numbers it is asked about. No attention mask:
+    the padding comes last, after every token that carries a loss, and the students train without one.
     """
-    rows = [(tok(p.prompt)["input_ids"], tok(p.completion, add_special_tokens=False)["input_ids"]) for p in problems]
-    length = max(len(prompt) + len(completion) + 1 for prompt, completion in rows)
-    input_ids = torch.full((len(rows), length), tok.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    for i, (prompt, completion) in enumerate(rows):
-        target = completion + [tok.eos_token_id]
-        input_ids[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
-        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    rows = []
+    for p in problems:
+        prompt = tok(p.prompt)["input_ids"]
+        target = tok(p.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt + target, [steps.IGNORE_INDEX] * len(prompt) + target))
+    input_ids, labels, _ = steps.pad_right(rows, tok)
     return input_ids, labels
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The learning rate of ``step`` (0-based): ``steps.warmup_cosine`` with the config's lr, warmup and floor."""
+    return steps.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)(step)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[tuple[int, float]]]:
-    """Train a student from scratch on fresh training-split problems every step.
+    """Train a student from scratch on fresh training-split problems every step (``steps.train_loop``).
 
     Returns the model (fp32, CPU, eval mode), its tokenizer and the loss log: (step, mean loss over
     the last ``log_every`` steps) pairs, loss in nats per target token.
@@ -120,27 +115,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, Pre
     model.generation_config = GenerationConfig(
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    # torch's default AdamW kernel (not the fused one), as the shipped students were trained: bit for bit
+    optimizer = optimizers.make_optimizer(model, "adamw", cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                          fused=False)
     rng = random.Random(cfg.seed)
+    seeds = [rng.getrandbits(64) for _ in range(cfg.steps)]  # the problems of each step
     log, window = [], []
-    model.train()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.arch}", disable=not progress)
-    for step in bar:
-        problems = sample(cfg.batch_size, seed=rng.getrandbits(64), split="train")
-        input_ids, labels = make_batch(problems, tok)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
+
+    def record(step: int, loss: float) -> None:
+        window.append(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log.append((step + 1, sum(window) / len(window)))
-            window = []
+            window.clear()
             tqdm.write(f"step {step + 1:5d}  loss {log[-1][1]:.4f}")
-    model.eval()
+
+    steps.train_loop(model, optimizer, lambda step: make_batch(sample(cfg.batch_size, seed=seeds[step], split="train"), tok),
+                     cfg.steps, schedule=lambda step: learning_rate(step, cfg),
+                     grad_clip=cfg.grad_clip, on_step=record, progress=progress, desc=f"train {cfg.arch}")
     return model, tok, log
 
 

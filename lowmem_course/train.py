@@ -51,9 +51,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from lowmem_course import family, integrity, lab, measure, precision
+from lowmem_course import family, integrity, measure, optimizers, precision, steps
 from lowmem_course.cmdline import Parser, check_out_folder, one_line, positive_int
 from lowmem_course.recipe import Recipe
 
@@ -125,23 +124,15 @@ def encode(examples: list[Example], tokenizer, max_tokens: int) -> list[tuple[li
         if len(prompt) >= max_tokens:
             raise TrainError(f"example {number}: its prompt ({len(prompt)} tokens) fills --max-tokens {max_tokens}, "
                              "leaving no response token to learn")
-        rows.append((ids, ([-100] * len(prompt) + response)[:max_tokens]))
+        rows.append((ids, ([steps.IGNORE_INDEX] * len(prompt) + response)[:max_tokens]))
     return rows
 
 
 def batch_for_step(rows: list[tuple[list[int], list[int]]], step: int, batch: int, seed: int,
-                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch of step ``step``: the same examples every time, whatever happened before."""
-    chosen = random.Random(seed * 1_000_003 + step).choices(rows, k=batch)
-    length = max(len(ids) for ids, _ in chosen)
-    input_ids = torch.full((batch, length), pad_id)
-    labels = torch.full((batch, length), -100)
-    mask = torch.zeros((batch, length), dtype=torch.long)
-    for i, (ids, target) in enumerate(chosen):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(target)] = torch.tensor(target)
-        mask[i, : len(ids)] = 1
-    return input_ids, labels, mask
+                   tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of step ``step`` (``input_ids``, ``labels``, ``attention_mask``, right-padded by
+    ``steps.pad_right``): the same examples every time, whatever happened before."""
+    return steps.pad_right(random.Random(seed * 1_000_003 + step).choices(rows, k=batch), tokenizer)
 
 
 def _model_path(name: str) -> Path:
@@ -193,9 +184,9 @@ def _with_recipe(path: Path, recipe: Recipe, lora_rank: int, seed: int) -> torch
     fmt = recipe.base_weights
     if recipe.mode == "qlora":
         half = torch.float16 if recipe.autocast == "fp16" else torch.bfloat16
-        model = quantize.load_quantized(path, fmt, device=lab.get_device(), dtype=half)
+        model = quantize.load_quantized(path, fmt, device=family.get_device(), dtype=half)
     else:
-        model = family.load(path, dtype=precision.DTYPES[fmt]).to(lab.get_device())
+        model = family.load(path, dtype=precision.DTYPES[fmt]).to(family.get_device())
     if recipe.mode == "full":
         if recipe.checkpointing:
             model.activation_checkpointing_enable()
@@ -210,20 +201,10 @@ def trainable(recipe: Recipe) -> Recipe:
     if recipe.gpus_needed > 1:
         raise TrainError(f"{recipe} shards over {recipe.gpus_needed}+ GPUs: lowmem train runs one process "
                          "(estimate it with lowmem estimate --recipe ... --gpus N)")
-    if recipe.optimizer == "paged-adamw8bit" and lab.get_device().type != "cuda":
+    if recipe.optimizer == "paged-adamw8bit" and family.get_device().type != "cuda":
         raise TrainError(f"{recipe}: paged optimizers page CUDA memory to the host and need a CUDA GPU; "
                          "adamw8bit holds the same bytes without paging")
     return recipe
-
-
-def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters."""
-    from lowmem_course import quantize
-
-    if name.startswith("sgd"):
-        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
-                               momentum=0.9 if name == "sgd-momentum" else 0.0)
-    return quantize.make_optimizer(model, name, lr=lr)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -495,7 +476,7 @@ def train(args: argparse.Namespace) -> dict:
             resumed = checkpoint_to_resume(out, fingerprint, args.steps) if args.resume else None
             torch.manual_seed(args.seed)
             model = load_model(args.model, recipe, args.lora_rank, args.seed)
-            optimizer = make_optimizer(model, recipe.optimizer, args.lr)
+            optimizer = optimizers.make_optimizer(model, recipe.optimizer, args.lr)
             scaler = precision.make_scaler(model.device, precision.compute_dtype(recipe.precision))
             if resumed:
                 start = restore_checkpoint(out, *resumed, model, optimizer, scaler)
@@ -515,40 +496,37 @@ def _steps(args: argparse.Namespace, recipe: Recipe, out: Path, model, tokenizer
            fingerprint: dict, start: int) -> tuple[dict, measure.Measurement | None]:
     """Steps ``start`` to ``args.steps``, each logged, checkpointed every ``--save-every``, then the final
     save and report; returns the report and the last step's measurement."""
-    compute_dtype = precision.compute_dtype(recipe.precision)
-    model.train()
     last_step: measure.Measurement | None = None
     saved = start
+
+    @contextlib.contextmanager
+    def measured(step: int) -> Iterator[None]:
+        """The last step is measured, in steady state."""
+        nonlocal last_step
+        if step != args.steps - 1:
+            yield
+            return
+        with measure.track(model, optimizer, label=f"{args.model} {recipe}") as last_step:
+            yield
+
+    def after(step: int, loss: float) -> None:
+        """Stop on a loss that is not finite, log the step, checkpoint every ``--save-every``."""
+        nonlocal saved
+        if not math.isfinite(loss):  # the weights may be broken now: nothing more is saved
+            kept = f"{out / CHECKPOINT} (step {saved}) is kept" if saved else "no checkpoint was saved"
+            raise TrainError(f"step {step + 1}: the loss is {loss}; stopped, {kept}. Try a lower --lr, or check the data")
+        log.write(json.dumps({"step": step + 1, "loss": round(loss, 6)}, allow_nan=False) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(out, step + 1, model, optimizer, scaler, fingerprint)
+            saved = step + 1
+        _kill_point("step", step + 1)
+
     with (out / LOG).open("a") as log:
-        for step in tqdm(range(start, args.steps), desc=f"train {recipe}", initial=start, total=args.steps,
-                         disable=args.no_progress):
-            input_ids, labels, mask = (t.to(model.device) for t in batch_for_step(
-                rows, step, args.batch, args.seed, tokenizer.pad_token_id))
-
-            def one_step() -> torch.Tensor:
-                with precision.autocast(model.device, compute_dtype):
-                    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
-
-            if step == args.steps - 1:  # the last step is measured, in steady state
-                with measure.track(model, optimizer, label=f"{args.model} {recipe}") as last_step:
-                    loss = one_step().item()
-            else:
-                loss = one_step().item()
-            if not math.isfinite(loss):  # the weights may be broken now: nothing more is saved
-                kept = f"{out / CHECKPOINT} (step {saved}) is kept" if saved else "no checkpoint was saved"
-                raise TrainError(f"step {step + 1}: the loss is {loss}; stopped, {kept}. "
-                                 "Try a lower --lr, or check the data")
-            log.write(json.dumps({"step": step + 1, "loss": round(loss, 6)}, allow_nan=False) + "\n")
-            log.flush()
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save_checkpoint(out, step + 1, model, optimizer, scaler, fingerprint)
-                saved = step + 1
-            _kill_point("step", step + 1)
+        steps.train_loop(model, optimizer, lambda step: batch_for_step(rows, step, args.batch, args.seed, tokenizer),
+                         args.steps, start=start, on_step=after, around_step=measured,
+                         autocast_dtype=precision.compute_dtype(recipe.precision), scaler=scaler,
+                         progress=not args.no_progress, desc=f"train {recipe}")
     final = out / ("adapter" if recipe.mode != "full" else "model")
     if recipe.mode == "full":
         model.save_pretrained(final)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_course import cli, estimate, family, integrity, quantize, reasoning, student
+from lowmem_course import cli, estimate, family, integrity, reasoning, skills, student
 from lowmem_course.cmdline import printable
 
 BASES = {name: estimate.load_config(name) for name in ("r1-distill-qwen-7b", "r1-distill-llama-8b", "r1")}
@@ -194,7 +194,7 @@ def test_plan_quotes_the_paths_it_prints(capsys, tmp_path):
         assert words[words.index("--out") + 1].startswith("runs/my model; rm -rf ~-qlora")
 
 
-# ---- python -m lowmem_course.student and .quantize -------------------------------------------
+# ---- python -m lowmem_course.student and .skills -------------------------------------------
 
 def exits_2_in_one_line(capsys, main, argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
@@ -209,8 +209,8 @@ def test_eval_beyond_the_held_out_split_is_one_line(capsys):
     err = exits_2_in_one_line(capsys, student.main, ["eval", "--arch", "qwen2", "--n", "81000"])
     assert err == ("python -m lowmem_course.student: error: the heldout split holds 80,737 addition problems, "
                    "fewer than the 81,000 asked for\n")
-    err = exits_2_in_one_line(capsys, quantize.main, ["eval", "subtraction", "--n", "41000"])
-    assert err == ("python -m lowmem_course.quantize: error: the heldout split holds 40,579 subtraction problems, "
+    err = exits_2_in_one_line(capsys, skills.main, ["eval", "subtraction", "--n", "41000"])
+    assert err == ("python -m lowmem_course.skills: error: the heldout split holds 40,579 subtraction problems, "
                    "fewer than the 41,000 asked for\n")
     assert time.perf_counter() - start < 60
 
@@ -220,8 +220,8 @@ def test_eval_beyond_the_held_out_split_is_one_line(capsys):
     (student.main, ["train", "--arch", "qwen2", "--out", "x", "--steps", "0"],
      "argument --steps: expected a positive integer, got 0"),
     (student.main, [], "the following arguments are required: command"),
-    (quantize.main, ["teach", "--steps", "1"], "the following arguments are required: --out"),
-    (quantize.main, ["eval", "subtraction", "--n", "-1"], "argument --n: expected a positive integer, got -1"),
+    (skills.main, ["teach", "--steps", "1"], "the following arguments are required: --out"),
+    (skills.main, ["eval", "subtraction", "--n", "-1"], "argument --n: expected a positive integer, got -1"),
 ])
 def test_usage_errors_are_one_line(capsys, main, argv, message):
     assert message in exits_2_in_one_line(capsys, main, argv)
@@ -229,7 +229,7 @@ def test_usage_errors_are_one_line(capsys, main, argv, message):
 
 @pytest.mark.parametrize("main, argv", [
     (student.main, ["train", "--arch", "qwen2", "--steps", "1", "--out"]),
-    (quantize.main, ["teach", "--steps", "1", "--out"]),
+    (skills.main, ["teach", "--steps", "1", "--out"]),
 ])
 @pytest.mark.parametrize("where", ["students/qwen2", "students/adapters/subtraction", "students/new"])
 def test_no_command_writes_the_shipped_files(capsys, main, argv, where):
@@ -244,7 +244,7 @@ def test_an_out_that_is_a_file_is_refused_before_training(capsys, tmp_path):
     a_file.write_text("keep")
     err = exits_2_in_one_line(capsys, student.main, ["train", "--arch", "qwen2", "--out", str(a_file)])
     assert err.endswith(f"--out {a_file} is a file, not a folder\n")
-    err = exits_2_in_one_line(capsys, quantize.main, ["teach", "--out", "/dev/null/adapter"])
+    err = exits_2_in_one_line(capsys, skills.main, ["teach", "--out", "/dev/null/adapter"])
     assert err.endswith("--out /dev/null/adapter cannot be created: /dev/null is not a folder\n")
     assert a_file.read_text() == "keep"
 
@@ -252,7 +252,7 @@ def test_an_out_that_is_a_file_is_refused_before_training(capsys, tmp_path):
 @pytest.mark.parametrize("recipe", ["{not json", "[1]", '{"skill_config": {"no_such_field": 1}}', "{}"])
 def test_an_adapter_with_a_bad_recipe_is_one_line(capsys, tmp_path, recipe):
     (tmp_path / "recipe.json").write_text(recipe)
-    err = exits_2_in_one_line(capsys, quantize.main, ["eval", str(tmp_path)])
+    err = exits_2_in_one_line(capsys, skills.main, ["eval", str(tmp_path)])
     assert f"{tmp_path / 'recipe.json'} is not an adapter recipe with a skill_config" in err
 
 

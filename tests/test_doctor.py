@@ -12,7 +12,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from lowmem_course import doctor, family, lab, student
+from lowmem_course import doctor, family, student
 from lowmem_course.reasoning import make_tokenizer
 from lowmem_course.units import GiB
 
@@ -65,7 +65,7 @@ def test_python_here_satisfies_the_package():
 
 
 def test_bf16_autocast_works_on_this_device():
-    device = lab.get_device().type
+    device = family.get_device().type
     native = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
     check = doctor.check_bf16()
     assert (check.status, check.detail) == ("ok", f"works on {device}" + ("" if native else " (emulated: slow)"))

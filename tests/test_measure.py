@@ -59,7 +59,7 @@ def test_measurement_prints_in_readable_units():
 
 def test_unknown_optimizer_is_refused():
     model = family.build(family.tiny("r1-distill-qwen-1.5b"))
-    with pytest.raises(ValueError, match="adamw, sgd or sgd-momentum"):
+    with pytest.raises(ValueError, match="unknown optimizer 'lion': choose from adamw, adamw8bit, paged-adamw8bit, sgd, sgd-momentum"):
         measure.make_optimizer(model, "lion")
 
 
@@ -106,3 +106,44 @@ def test_a_partly_frozen_model_is_measured():
     m = measure.measure_train_step(model, optimizer, steps.random_batch(model.config.vocab_size, 1, 32))
     assert m.breakdown["parameters"] == param_bytes(model)
     assert m.breakdown["optimizer"] == 2 * model.lm_head.weight.numel() * 4 + 4
+
+
+def test_storage_bytes_counts_each_shared_storage_once():
+    weight = torch.zeros(16, 8)
+    tied = torch.nn.Parameter(weight)  # a tied weight: the same storage under two names
+    assert measure.storage_bytes(weight, tied, weight[2:4], weight.t()) == 16 * 8 * 4
+    assert measure.storage_bytes(weight[0]) == 16 * 8 * 4  # a view holds its whole storage alive
+    counted: set = set()
+    assert measure.storage_bytes(weight, counted=counted) == 512
+    assert measure.storage_bytes(weight, torch.zeros(3, dtype=torch.bfloat16), counted=counted) == 6
+
+
+def test_storage_bytes_counts_a_dtensors_local_shard():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        sharded = distribute_tensor(torch.zeros(16, 8), init_device_mesh("cpu", (4,)), [Shard(0)])
+        assert measure.storage_bytes(sharded) == 16 * 8 * 4 // 4  # this rank's quarter
+    finally:
+        dist.destroy_process_group()
+
+
+def test_measure_train_step_measures_the_step_it_is_given():
+    model = family.build(family.tiny("r1-distill-qwen-1.5b"))
+    optimizer = measure.make_optimizer(model, "sgd")
+    calls = []
+
+    def forward_only(model, optimizer, input_ids):
+        calls.append(input_ids.shape)
+        with torch.no_grad():
+            model(input_ids=input_ids)
+
+    batch = steps.random_batch(model.config.vocab_size, 1, 16)
+    m = measure.measure_train_step(model, optimizer, batch, step=forward_only, warmup_steps=2)
+    assert calls == [batch.shape] * 3 and "gradients" not in {k for k, v in m.breakdown.items() if v}
+    with pytest.raises(ValueError, match="autocast_dtype applies to the default step only"):
+        measure.measure_train_step(model, optimizer, batch, autocast_dtype=torch.bfloat16, step=forward_only)

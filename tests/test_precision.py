@@ -63,7 +63,7 @@ def test_scaler_skips_an_overflowing_step_and_backs_off():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scaler = precision.make_scaler("cpu", torch.float16, init_scale=2.0**120)  # scaled grads overflow fp16
     ids = steps.random_batch(model.config.vocab_size, 1, 8)
-    precision.train_step(model, opt, ids, dtype=torch.float16, scaler=scaler)
+    steps.train_step(model, opt, ids, autocast_dtype=torch.float16, scaler=scaler)
     assert scaler.get_scale() == 2.0**119
     assert precision.unchanged_fraction(before, model) == dict.fromkeys(before, 1.0)
 
@@ -88,9 +88,9 @@ def test_model_states_bytes(prec, bytes_per_param):
     numel = sum(p.numel() for p in model.parameters())
     tensors = len(list(model.parameters()))
     ids = steps.random_batch(model.config.vocab_size, 1, 16)
-    precision.train_step(model, opt, ids, dtype=precision.compute_dtype(prec))
+    steps.train_step(model, opt, ids, autocast_dtype=precision.compute_dtype(prec))
     with measure.track(model, opt) as m:
-        precision.train_step(model, opt, ids, dtype=precision.compute_dtype(prec))
+        steps.train_step(model, opt, ids, autocast_dtype=precision.compute_dtype(prec))
     assert m.breakdown["parameters"] == bytes_per_param * numel
     assert m.breakdown["optimizer"] == 2 * bytes_per_param * numel + 4 * tensors  # two moments + fp32 step counters
 
@@ -101,6 +101,6 @@ def test_small_updates_vanish_in_bf16_weights():
         model = _twin(dtype)
         opt = measure.make_optimizer(model, lr=1e-4)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        precision.train_step(model, opt, steps.random_batch(model.config.vocab_size, 2, 16))
+        steps.train_step(model, opt, steps.random_batch(model.config.vocab_size, 2, 16))
         unchanged = precision.unchanged_fraction(before, model)
         assert unchanged["model.norm.weight"] == expected

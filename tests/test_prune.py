@@ -117,15 +117,16 @@ def test_masked_dense_weights_cost_more_bytes_not_fewer():
     assert prune.parameter_bytes(model) == dense
 
 
-def test_storage_bytes_of_dense_csr_and_coo():
+def test_storage_bytes_of_dense_csr_csc_and_coo():
     dense = torch.zeros(64, 128)
     dense[:, ::2] = 1.0  # 50% zeros
-    assert prune.storage_bytes(dense) == 64 * 128 * 4
+    assert measure.storage_bytes(dense) == 64 * 128 * 4
     nnz = 64 * 64
-    assert prune.storage_bytes(dense.to_sparse_csr()) == nnz * 4 + 65 * 8 + nnz * 8
-    assert prune.storage_bytes(dense.to_sparse()) == nnz * 4 + 2 * nnz * 8
-    with pytest.raises(ValueError):
-        prune.storage_bytes(dense.to_sparse_csc())
+    assert measure.storage_bytes(dense.to_sparse_csr().clone()) == nnz * 4 + 65 * 8 + nnz * 8
+    assert measure.storage_bytes(dense.to_sparse_csc().clone()) == nnz * 4 + 129 * 8 + nnz * 8
+    # to_sparse_csr's column indices are a view of the 2-row COO indices it converted through: all held
+    assert measure.storage_bytes(dense.to_sparse_csr()) == nnz * 4 + 65 * 8 + 2 * nnz * 8
+    assert measure.storage_bytes(dense.to_sparse()) == nnz * 4 + 2 * nnz * 8
 
 
 def test_slice_linear_equals_original_on_kept_units():
@@ -332,3 +333,14 @@ def test_generated_calibration_keeps_the_generated_ids():
         assert tok.decode(ids[:n], skip_special_tokens=True) == problem.text  # the student solves its training problems
     with pytest.raises(ValueError):
         prune.generated_calibration(model, tok, [])
+
+
+def test_prune_unstructured_only_prunes_the_modules_the_filter_names():
+    model = tiny_model()
+    masks = prune.prune_unstructured(model, "wanda", 0.5, calibration(), only="mlp")
+    mlp = {name for name in prune.prunable_linears(model) if ".mlp." in name}
+    assert set(masks) == mlp and len(mlp) == 3 * model.config.num_hidden_layers  # gate, up, down
+    for name, module in prune.prunable_linears(model).items():
+        assert (module.weight == 0).float().mean().item() == (0.5 if name in mlp else 0.0)
+    with pytest.raises(ValueError, match="no decoder nn.Linear of Qwen2ForCausalLM has a name containing 'conv'"):
+        prune.prune_unstructured(tiny_model(), "magnitude", 0.5, only="conv")

@@ -1,6 +1,5 @@
 """lowmem_course.quantize: exact byte counts of the bitsandbytes formats, the CPU fixes, QLoRA plumbing."""
 
-import dataclasses
 import math
 
 import bitsandbytes as bnb
@@ -151,66 +150,3 @@ def test_quantize_experts_stores_them_in_4_bits(tmp_path):
         logits = model(input_ids=ids).logits.float()
     assert ((logits - reference_logits).norm() / reference_logits.norm()).item() < 0.2
     assert all(not hasattr(m, "gate_up_proj") for m in experts)  # dequantized copies are dropped
-
-
-def test_make_optimizer_keeps_small_tensors_in_fp32():
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 4))
-    opt = quantize.make_optimizer(model, "adamw8bit")
-    model(torch.randn(3, 64)).sum().backward()
-    opt.step()
-    states = [opt.state[p]["state1"].dtype for p in model.parameters()]
-    assert states == [torch.uint8, torch.float32, torch.float32, torch.float32]  # 8192 >= 4096 elements
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
-        quantize.make_optimizer(model, "lion")
-
-
-def test_train_adapters_returns_one_loss_per_step_and_learns(tmp_path):
-    _save_twin(tmp_path)
-    model = quantize.add_lora(quantize.load_quantized(tmp_path, "nf4-dq"), rank=4)
-    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    losses = quantize.train_adapters(model, quantize.make_optimizer(model, lr=1e-2), lambda step: (ids, ids), steps=20)
-    assert len(losses) == 20 and losses[-1] < 0.9 * losses[0]
-    assert not model.training
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
-        quantize.train_adapters(model, quantize.make_optimizer(model), lambda step: (ids, ids), steps=0)
-
-
-def test_skill_config_warms_up_then_decays():
-    cfg = quantize.SkillConfig(lr=1e-2, warmup=10, steps=100, min_lr_ratio=0.1)
-    assert cfg.learning_rate(0) == pytest.approx(1e-3)
-    assert cfg.learning_rate(9) == pytest.approx(1e-2)
-    assert cfg.learning_rate(10) == pytest.approx(1e-2)
-    assert cfg.learning_rate(100) == pytest.approx(1e-3)
-
-
-def test_teach_save_and_load_adapter_round_trip(tmp_path):
-    cfg = quantize.SkillConfig(steps=2, batch_size=4, warmup=1)
-    model, _, losses = quantize.teach(cfg, progress=False)
-    assert len(losses) == 2 and not model.training
-    assert quantize.trainable_parameters(model) == 82_432  # rank 8 on 7 maps x 4 layers of the qwen2 student
-    quantize.save_adapter(model, tmp_path, losses, {"skill_config": dataclasses.asdict(cfg)})
-    assert (tmp_path / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "loss.csv").read_text().splitlines() == ["step,loss", *(f"{i + 1},{l:.6f}" for i, l in enumerate(losses))]
-    loaded, _, recipe = quantize.load_adapter(tmp_path)
-    ids = quantize.skill_batches(cfg)(0)[0]
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert recipe["skill_config"]["steps"] == 2
-
-
-def test_shipped_subtraction_adapter_reproduces_its_recorded_accuracy():
-    from lowmem_course import student
-
-    model, tok, recipe = quantize.load_adapter("subtraction")
-    assert recipe["skill_config"] == dataclasses.asdict(quantize.SkillConfig())  # the default recipe
-    assert recipe["accuracy_before"] < 0.05 and recipe["accuracy"] >= quantize.ADAPTER_TARGET_ACCURACY
-    acc = student.accuracy(model, tok, n=recipe["eval_n"], seed=recipe["eval_seed"], task="subtraction",
-                           progress=False)
-    assert acc == pytest.approx(recipe["accuracy"], abs=0.01)
-
-
-def test_cli_rejects_an_unknown_adapter(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        quantize.main(["eval", "division"])
-    assert exit_info.value.code == 2
-    assert "no adapter at 'division'" in capsys.readouterr().err

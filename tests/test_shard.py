@@ -152,3 +152,17 @@ def test_gpus_needed_is_the_smallest_power_of_two_that_fits():
         assert total(gpus) <= gpu
         assert gpus == 1 or total(gpus // 2) > gpu
     assert shard.gpus_needed("r1", "full", gpu, max_gpus=2) is None
+
+
+def test_a_ranks_error_record_says_why_it_died(tmp_path):
+    folder = tmp_path / "run_abc" / "attempt_0" / "1"
+    folder.mkdir(parents=True)
+    (folder / "error.json").write_text(json.dumps({"message": {"message": "ValueError: bad shard\nmore detail",
+                                                               "extraInfo": {"timestamp": "1"}}}))
+    records = shard.error_records(tmp_path)
+    assert records == {1: "ValueError: bad shard"}
+    summary = "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 7)\n"
+    printed = "[rank1]: RuntimeError: what the rank printed last\n" + summary
+    assert str(shard._failure(printed, 1, records)) == "rank 1 died with exit code 1: ValueError: bad shard (torchrun exited 1)"
+    assert str(shard._failure(printed, 1)) == ("rank 1 died with exit code 1: RuntimeError: what the rank printed last "
+                                               "(torchrun exited 1)")  # no record: what it printed

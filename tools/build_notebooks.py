@@ -1,7 +1,7 @@
 """Build the course notebooks from their sources and store them with outputs.
 
 Each notebook is written as a plain Python file in ``notebooks/src/NN_topic.py`` (the "percent"
-format that Jupytext, VS Code and Spyder read: ``# %%`` starts a code cell, ``# %% [markdown]`` a
+format that Jupytext, VS Code and Spyder read, parsed here by jupytext: ``# %%`` starts a code cell, ``# %% [markdown]`` a
 markdown cell whose lines start with ``# ``). This script turns each source into
 ``notebooks/NN_topic.ipynb``, executes it on a fresh kernel from the notebook's folder, and saves it
 with its outputs, so learners can read the results on GitHub before running anything.
@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 from nbclient import NotebookClient
 
@@ -38,25 +39,14 @@ NO_BARS = {"TQDM_DISABLE": "1"}  # kernels built here show no progress bar: a st
 
 
 def parse_cells(text: str) -> list[nbformat.NotebookNode]:
-    """Split a percent-format source into notebook cells."""
-    cells: list[nbformat.NotebookNode] = []
-    kind, lines = None, []
-
-    def flush() -> None:
-        body = "\n".join(lines).strip("\n")
-        if kind == "markdown":
-            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
+    """Split a percent-format source into notebook cells (read by jupytext; empty code cells dropped)."""
+    cells = []
+    for cell in jupytext.reads(text, fmt="py:percent").cells:
+        body = cell.source.strip("\n")
+        if cell.cell_type == "markdown":
             cells.append(nbformat.v4.new_markdown_cell(body))
-        elif kind == "code" and body:
+        elif cell.cell_type == "code" and body:
             cells.append(nbformat.v4.new_code_cell(body))
-
-    for line in text.splitlines():
-        if line.startswith("# %%"):
-            flush()
-            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
-        elif kind is not None:
-            lines.append(line)
-    flush()
     return cells
 
 

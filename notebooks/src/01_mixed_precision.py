@@ -23,6 +23,7 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
+import functools
 import time
 import warnings
 
@@ -65,21 +66,18 @@ for p, e in predicted.items():
 # %% [markdown]
 # ## 2 · Measure the ladder
 #
-# One steady-state AdamW step per rung with `precision.train_step`: autocast from
-# `precision.autocast`, loss scaling from `precision.make_scaler` (a no-op except for fp16).
+# One steady-state AdamW step per rung, measured by `measure.measure_train_step` (a warm-up step,
+# then the tracked one). The step is `steps.train_step` with autocast in `precision.compute_dtype`
+# and loss scaling from `precision.make_scaler` (a no-op except for fp16).
 # On this CPU fp16 is emulated and about 20× slower than bf16, so it runs one step only.
 
 # %%
 def measured_step(prec: str) -> measure.Measurement:
     """Peak bytes of one steady-state training step of the course model in ``prec``."""
     model = family.build(cfg, device=device, dtype=precision.parameter_dtype(prec))
-    opt = measure.make_optimizer(model)
     dtype = precision.compute_dtype(prec)
-    scaler = precision.make_scaler(device, dtype)
-    precision.train_step(model, opt, batch, dtype=dtype, scaler=scaler)  # warm-up: AdamW state exists
-    with measure.track(model, opt, label=prec) as m:
-        precision.train_step(model, opt, batch, dtype=dtype, scaler=scaler)
-    return m
+    step = functools.partial(steps.train_step, autocast_dtype=dtype, scaler=precision.make_scaler(device, dtype))
+    return measure.measure_train_step(model, measure.make_optimizer(model), batch, label=prec, step=step)
 
 
 measured = {p: measured_step(p) for p in LADDER}
@@ -123,7 +121,8 @@ def train_curve(prec: str, n_steps: int) -> tuple[list[float], float]:
     scaler = precision.make_scaler(device, dtype)
     losses, start = [], time.perf_counter()
     for input_ids, labels in train_batches[:n_steps]:
-        losses.append(precision.train_step(model, opt, input_ids.to(device), labels.to(device), dtype, scaler).item())
+        losses.append(steps.train_step(model, opt, input_ids.to(device), labels.to(device), autocast_dtype=dtype,
+                                       scaler=scaler).item())
     return losses, (time.perf_counter() - start) / n_steps
 
 
@@ -191,7 +190,8 @@ scaler_log = []
 for input_ids, labels in train_batches:
     before = {n: p.detach().clone() for n, p in scaler_model.named_parameters()}
     scale = scaler.get_scale()
-    precision.train_step(scaler_model, scaler_opt, input_ids.to(device), labels.to(device), torch.float16, scaler)
+    steps.train_step(scaler_model, scaler_opt, input_ids.to(device), labels.to(device), autocast_dtype=torch.float16,
+                     scaler=scaler)
     moved = 1 - min(precision.unchanged_fraction(before, scaler_model).values())
     scaler_log.append((scale, scaler.get_scale() < scale, moved))
     print(f"scale 2^{int(torch.tensor(scale).log2())}: {'skipped' if scaler_log[-1][1] else 'applied'}, "
@@ -225,7 +225,7 @@ for k, v in small_update.items():
 bf16_model = family.build(cfg, device=device, dtype=torch.bfloat16)
 bf16_opt = measure.make_optimizer(bf16_model, lr=1e-4)
 before = {n: p.detach().clone() for n, p in bf16_model.named_parameters()}
-precision.train_step(bf16_model, bf16_opt, batch)
+steps.train_step(bf16_model, bf16_opt, batch)
 unchanged = precision.unchanged_fraction(before, bf16_model)
 norm_unchanged = min(v for n, v in unchanged.items() if "norm" in n)
 linear_unchanged = sum(v for n, v in unchanged.items() if "proj" in n) / sum("proj" in n for n in unchanged)
@@ -288,7 +288,7 @@ print("\n".join(deprecations))
 # - The estimator predicts every rung; the student keeps its accuracy in bf16 and fp16.
 #
 # ## Exercises
-# 1. *(easy)* Measure `precision.train_step` at `SEQ = 512`. Which bars double?
+# 1. *(easy)* Measure the ladder's step at `SEQ = 512`. Which bars double?
 # 2. *(medium)* Train the pure-bf16 curve with `lr=1e-4` instead of `2e-3`. Compare with bf16-mixed and explain.
 # 3. *(hard)* Write a pure-bf16 AdamW step that keeps fp32 moments and rounds the update with
 #    `precision.stochastic_round_to_bf16`. Measure its bytes per parameter.

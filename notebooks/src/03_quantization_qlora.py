@@ -23,18 +23,19 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-import dataclasses, os, warnings
+import dataclasses, warnings
 
 import matplotlib.pyplot as plt
 import torch
 
-from lowmem_course import estimate, family, measure, plots, quantize, reasoning, student
+from lowmem_course import estimate, family, measure, optimizers, plots, quantize, reasoning, skills, steps, student
 from lowmem_course.units import GiB, KiB, MiB, format_bytes
 
-MODEL = os.environ.get("LOWMEM_MODEL", "student-qwen2")  # or a Hub id, e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
-source = family.student_path(MODEL) or MODEL
+course = lab.course_model("student-qwen2")  # LOWMEM_MODEL=<Hub id> swaps in the real model
+source = course.source  # what family.load and quantize.load_quantized read
 tok = family.load_tokenizer(source)
 N_EVAL = 50  # held-out problems per accuracy (more is slow on a CPU)
+FORMATS = ("int8", "fp4", "nf4", "nf4-dq")  # the lesson's four formats (quantize.FORMATS adds fp4-dq)
 
 # %% [markdown]
 # ## 1 · Predict
@@ -60,7 +61,7 @@ for fmt, bits in theory_bits.items():
 
 # %%
 reference = family.load(source, dtype=torch.bfloat16, device_map={"": str(device)}).eval()
-models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in quantize.FORMATS}
+models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in FORMATS}
 storage = {fmt: quantize.storage_bytes(m) for fmt, m in models.items()}
 print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>11}{'tables':>9}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
 for fmt, s in storage.items():
@@ -98,7 +99,7 @@ plt.show()
 # - accuracy: exact-match answers on `N_EVAL` held-out addition problems (greedy `generate`)
 
 # %%
-errors = {fmt: quantize.layer_errors(reference, models[fmt]) for fmt in quantize.FORMATS}
+errors = {fmt: quantize.layer_errors(reference, models[fmt]) for fmt in FORMATS}
 accuracy = {fmt: student.accuracy(m, tok, n=N_EVAL, seed=0, progress=False) for fmt, m in models.items()}
 print(f"{'format':<8}{'mean layer error':>18}{'worst layer':>13}{'accuracy':>10}")
 for fmt in models:
@@ -116,12 +117,12 @@ for fmt in models:
 # The student only ever saw additions. `reasoning` also writes subtraction traces
 # (`482-357=<think>2-7-0=15,…</think>125`), a skill it never learned. QLoRA, as in the paper:
 # frozen NF4 + double-quant base, LoRA adapters (rank 8 on every linear map) in fp32, and
-# activation checkpointing. The recipe is `quantize.SkillConfig`:
+# activation checkpointing. The recipe is `skills.SkillConfig`:
 
 # %%
-SKILL = quantize.SkillConfig()
+SKILL = skills.SkillConfig()
 print(SKILL)
-subtraction_batch = quantize.skill_batches(SKILL)  # step -> (input_ids, labels), fresh problems per step
+subtraction_batch = skills.skill_batches(SKILL)  # step -> (input_ids, labels), fresh problems per step
 base4 = quantize.load_quantized(source, SKILL.fmt, device=device)
 sub_before = student.accuracy(base4, tok, n=N_EVAL, seed=0, task="subtraction", progress=False)
 print(f"4-bit student, subtraction accuracy before any training: {sub_before:.1%}")
@@ -136,9 +137,9 @@ import time
 started = time.perf_counter()
 qlora = quantize.add_lora(quantize.load_quantized(source, SKILL.fmt, device=device), rank=SKILL.rank,
                           alpha=SKILL.alpha, checkpointing=SKILL.checkpointing, seed=SKILL.seed)
-live_steps, live = 12, quantize.skill_batches(dataclasses.replace(SKILL, batch_size=16))  # a quarter of the batch
-losses = quantize.train_adapters(qlora, quantize.make_optimizer(qlora, "adamw", lr=SKILL.lr), live, steps=live_steps,
-                                 schedule=lambda step: SKILL.lr, grad_clip=SKILL.grad_clip)
+live_steps, live = 12, skills.skill_batches(dataclasses.replace(SKILL, batch_size=16))  # a quarter of the batch
+losses = steps.train_loop(qlora, optimizers.make_optimizer(qlora, "adamw", lr=SKILL.lr), live, live_steps,
+                          grad_clip=SKILL.grad_clip)  # constant lr: the optimizer's own
 print(f"{live_steps} live QLoRA steps: {time.perf_counter() - started:.0f} s")
 
 # %%
@@ -149,12 +150,12 @@ print(f"live run: loss ≈{losses[0]:.2f} -> ≈{losses[-1]:.2f} nats/token over
 # %% [markdown]
 # **The full run (shipped).** The whole recipe (`SKILL.steps` steps) takes minutes on a CPU, too long
 # for this notebook. The package ships its result, trained from the same seed by
-# `python -m lowmem_course.quantize teach --out DIR` (the shipped copy is never overwritten); its
+# `python -m lowmem_course.skills teach --out DIR` (the shipped copy is never overwritten); its
 # `recipe.json` records the command that made it and the accuracy measured on 500 held-out problems.
 # Load it on the 4-bit student and measure again:
 
 # %%
-shipped, _, shipped_recipe = quantize.load_adapter(SKILL.task, device=device)
+shipped, _, shipped_recipe = skills.load_adapter(SKILL.task, device=device)
 sub_after = student.accuracy(shipped, tok, n=N_EVAL, seed=0, task="subtraction", progress=False)
 add_after = student.accuracy(shipped, tok, n=N_EVAL, seed=0, progress=False)
 print(f"shipped adapter: {shipped_recipe['command']}")
@@ -169,7 +170,7 @@ print(f"  measured here: subtraction {sub_before:.1%} -> {sub_after:.1%} on {N_E
 
 # %%
 shipped_losses = [float(line.split(",")[1]) for line in
-                  (quantize.adapter_dir(SKILL.task) / "loss.csv").read_text().splitlines()[1:]]
+                  (skills.adapter_dir(SKILL.task) / "loss.csv").read_text().splitlines()[1:]]
 plots.lines(list(range(1, len(shipped_losses) + 1)), {"shipped run": shipped_losses,
             "live run (this notebook)": losses + [float("nan")] * (len(shipped_losses) - len(losses))},
             xlabel="step", ylabel="loss (nats per target token)", title="Training the adapters of the 4-bit student")
@@ -203,7 +204,7 @@ runs = {"full bf16": (full, measure.make_optimizer(full, "adamw")),
 step_memory = {}
 for label, (model, opt) in runs.items():
     model.train()  # checkpointing only acts in training mode
-    opt = opt or quantize.make_optimizer(model, "adamw", lr=1e-5)
+    opt = opt or optimizers.make_optimizer(model, "adamw", lr=1e-5)
     m = measure.measure_train_step(model, opt, mem_batch, label=label)
     s = quantize.storage_bytes(model)
     extra = s.constants + s.tables if s.quantized_weights else 0
@@ -236,10 +237,10 @@ plt.show()
 
 # %%
 def optimizer_state_bytes(name: str, **kwargs) -> int:
-    """Bytes of optimizer state after one step on a fresh QLoRA model (name as in quantize.make_optimizer)."""
+    """Bytes of optimizer state after one step on a fresh QLoRA model (name as in optimizers.make_optimizer)."""
     model = quantize.add_lora(quantize.load_quantized(source, "nf4-dq", device=device), rank=SKILL.rank)
-    opt = quantize.make_optimizer(model, name, **kwargs)
-    quantize.train_adapters(model, opt, subtraction_batch, steps=1)
+    opt = optimizers.make_optimizer(model, name, **kwargs)
+    steps.train_loop(model, opt, subtraction_batch, 1)
     return sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
 
 opt_bytes = {"AdamW": optimizer_state_bytes("adamw"), "AdamW8bit": optimizer_state_bytes("adamw8bit"),
@@ -398,7 +399,7 @@ print(f"R1: {r1_experts / 1e9:.0f}B of {family.count_parameters(family.config('r
 # %%
 from peft import PeftModel
 
-merged = PeftModel.from_pretrained(bf16_student(), quantize.adapter_dir(SKILL.task)).merge_and_unload().eval()
+merged = PeftModel.from_pretrained(bf16_student(), skills.adapter_dir(SKILL.task)).merge_and_unload().eval()
 merged_acc = student.accuracy(merged, tok, n=N_EVAL, seed=0, task="subtraction", progress=False)
 print(f"shipped adapter merged into the bf16 student: {type(merged).__name__}, "
       f"subtraction accuracy {merged_acc:.1%} (on the 4-bit base: {sub_after:.1%})")
@@ -421,7 +422,7 @@ print(f"shipped adapter merged into the bf16 student: {type(merged).__name__}, "
 # 3. *(hard)* Merge the adapters into the 4-bit base (`qlora.merge_and_unload()`), measure the
 #    accuracy, and explain the difference with the bf16 merge.
 # 4. *(hard)* Teach subtraction without forgetting addition: write a `batches(step)` that mixes both
-#    tasks, train with `quantize.train_adapters`, and measure both accuracies.
+#    tasks, train with `steps.train_loop`, and measure both accuracies.
 #
 # ## Further reading
 # - Dettmers et al., *QLoRA: Efficient Finetuning of Quantized LLMs* (arXiv 2305.14314)

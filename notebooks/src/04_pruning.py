@@ -101,17 +101,10 @@ SETTINGS = {"magnitude (per layer)": ("magnitude", "layer"), "Wanda (per row, pa
 
 
 def pruned_accuracy(method: str, sparsity: float, per: str | None = None, pattern: str = "unstructured",
-                    only: str = "") -> float:
-    """Accuracy of a copy of the student with its decoder linears (names containing ``only``) pruned."""
+                    only: str | None = None) -> float:
+    """Accuracy of a copy of the student with its decoder linears (those whose names contain ``only``) pruned."""
     pruned = copy.deepcopy(student)
-    if only:  # the same selection, on a subset of the modules
-        modules = {n: m for n, m in prune.prunable_linears(pruned).items() if only in n}
-        norms = prune.input_norms(pruned, calib, modules)
-        scores = {n: prune.wanda_scores(m.weight, norms[n]) if method == "wanda" else prune.magnitude_scores(m.weight)
-                  for n, m in modules.items()}
-        prune.apply_masks(pruned, {n: prune.unstructured_mask(sc, sparsity, per) for n, sc in scores.items()})
-    else:
-        prune.prune_unstructured(pruned, method, sparsity, calib, pattern=pattern, per=per)
+    prune.prune_unstructured(pruned, method, sparsity, calib, pattern=pattern, per=per, only=only)
     return accuracy(pruned, tok, n=N_EVAL, progress=False)
 
 
@@ -237,9 +230,10 @@ LEVELS = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95]
 storage = {"dense": [], "CSR": [], "COO": []}
 for sparsity in LEVELS:
     w = weight * prune.unstructured_mask(prune.magnitude_scores(weight), sparsity)
-    storage["dense"].append(prune.storage_bytes(w))
-    storage["CSR"].append(prune.storage_bytes(w.to_sparse_csr()))
-    storage["COO"].append(prune.storage_bytes(w.to_sparse()))
+    storage["dense"].append(measure.storage_bytes(w))
+    # clone: to_sparse_csr's column indices are a view of the twice-larger COO indices it converts through
+    storage["CSR"].append(measure.storage_bytes(w.to_sparse_csr().clone()))
+    storage["COO"].append(measure.storage_bytes(w.to_sparse()))
 for i, sparsity in enumerate(LEVELS):
     print(f"{sparsity:>4.0%}  " + "  ".join(f"{k} {storage[k][i] / storage['dense'][i]:.2f}x" for k in storage))
 plots.lines([s * 100 for s in LEVELS], {k: [b / 2**20 for b in v] for k, v in storage.items()},
@@ -261,11 +255,11 @@ if device.type == "cuda":
     packed = to_sparse_semi_structured(w24.to(device))
     parts = [getattr(packed, n) for n in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")]
     bytes_24 = sum(t.numel() * t.element_size() for t in parts if t is not None)
-    print(f"2:4 on {device}: {format_bytes(bytes_24)} vs dense {format_bytes(prune.storage_bytes(w24))} "
-          f"({bytes_24 / prune.storage_bytes(w24):.2f}x)")
+    print(f"2:4 on {device}: {format_bytes(bytes_24)} vs dense {format_bytes(measure.storage_bytes(w24))} "
+          f"({bytes_24 / measure.storage_bytes(w24):.2f}x)")
 else:
     print("skipped on CPU: to_sparse_semi_structured needs a CUDA GPU with sparse tensor cores (sm80+); "
-          f"here the 2:4 matrix is a dense {format_bytes(prune.storage_bytes(w24))} with 50% zeros")
+          f"here the 2:4 matrix is a dense {format_bytes(measure.storage_bytes(w24))} with 50% zeros")
 
 # %% [markdown]
 # ## 4 · Structured pruning: smaller tensors

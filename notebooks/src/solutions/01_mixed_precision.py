@@ -14,6 +14,8 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
+import functools
+
 import torch
 
 from lowmem_course import family, measure, precision, steps
@@ -28,17 +30,14 @@ BATCH = 2
 def measured_step(prec: str, seq: int, make_opt=measure.make_optimizer) -> measure.Measurement:
     """One steady-state training step of the course model in ``prec`` (notebook 01's ``measured_step``)."""
     model = family.build(cfg, device=device, dtype=precision.parameter_dtype(prec))
-    opt, dtype = make_opt(model), precision.compute_dtype(prec)
-    scaler = precision.make_scaler(device, dtype)
+    dtype = precision.compute_dtype(prec)
+    step = functools.partial(steps.train_step, autocast_dtype=dtype, scaler=precision.make_scaler(device, dtype))
     batch = steps.random_batch(cfg.vocab_size, BATCH, seq, device=device)
-    precision.train_step(model, opt, batch, dtype=dtype, scaler=scaler)  # warm-up: optimizer state exists
-    with measure.track(model, opt, label=f"{prec} seq {seq}") as m:
-        precision.train_step(model, opt, batch, dtype=dtype, scaler=scaler)
-    return m
+    return measure.measure_train_step(model, make_opt(model), batch, label=f"{prec} seq {seq}", step=step)
 
 # %% [markdown]
 # ## Exercise 1
-# *(easy)* Measure `precision.train_step` at `SEQ = 512`. Which bars double?
+# *(easy)* Measure the ladder's step at `SEQ = 512`. Which bars double?
 #
 # fp16-mixed is left out: on a CPU it is emulated and about 20× slower, and it holds the same bars
 # as bf16-mixed (notebook 01, section 2).
@@ -83,7 +82,7 @@ def train_curve(prec: str, lr: float) -> tuple[list[float], dict[str, float]]:
     model = family.build(student_cfg, device=device, dtype=precision.parameter_dtype(prec), seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = [precision.train_step(model, opt, x.to(device), y.to(device), precision.compute_dtype(prec)).item()
+    losses = [steps.train_step(model, opt, x.to(device), y.to(device), autocast_dtype=precision.compute_dtype(prec)).item()
               for x, y in train_batches]
     return losses, precision.unchanged_fraction(before, model)
 
@@ -168,7 +167,7 @@ print(f"plain pure-bf16 AdamW: optimizer {plain_bf16.breakdown['optimizer'] / n_
 def norms_moved(make_opt) -> float:
     model = family.build(cfg, device=device, dtype=torch.bfloat16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    precision.train_step(model, make_opt(model), steps.random_batch(cfg.vocab_size, BATCH, 256, device=device))
+    steps.train_step(model, make_opt(model), steps.random_batch(cfg.vocab_size, BATCH, 256, device=device))
     norms = [v for n, v in precision.unchanged_fraction(before, model).items() if "norm" in n]
     return 1 - sum(norms) / len(norms)
 

@@ -17,17 +17,15 @@ device = lab.start()
 # %%
 # NBVAL_IGNORE_OUTPUT
 import dataclasses
-import os
 import tempfile
 import warnings
 
 import torch
 
-from lowmem_course import family, measure, quantize, reasoning, student
+from lowmem_course import family, measure, optimizers, quantize, reasoning, skills, steps, student
 from lowmem_course.units import format_bytes
 
-MODEL = os.environ.get("LOWMEM_MODEL", "student-qwen2")
-source = family.student_path(MODEL) or MODEL
+source = lab.course_model("student-qwen2").source  # LOWMEM_MODEL=<Hub id> swaps in the real model
 tok = family.load_tokenizer(source)  # the students' own tokenizer: AutoTokenizer would drop <think> from the traces
 STEPS, BATCH, LR, N_EVAL = 4, 8, 3e-3, 20  # notebook 03: 30 steps of 16 problems, 50 problems per accuracy
 
@@ -54,9 +52,9 @@ qloras, ranks = {}, (2, 32)
 rank_rows = {}
 for rank in ranks:
     model = quantize.add_lora(quantize.load_quantized(source, "nf4-dq", device=device), rank=rank, alpha=2 * rank)
-    opt = quantize.make_optimizer(model, "adamw", lr=LR)
-    losses = quantize.train_adapters(model, opt, lambda step: batch_of("subtraction", 1000 + step), steps=STEPS)
-    step_mem = measure.measure_train_step(model, quantize.make_optimizer(model, "adamw", lr=0.0),
+    opt = optimizers.make_optimizer(model, "adamw", lr=LR)
+    losses = steps.train_loop(model, opt, lambda step: batch_of("subtraction", 1000 + step), STEPS)
+    step_mem = measure.measure_train_step(model, optimizers.make_optimizer(model, "adamw", lr=0.0),
                                           batch_of("subtraction", 0, size=1)[0].to(device))
     model.eval()
     rank_rows[rank] = dict(trainable=quantize.trainable_parameters(model), peak=step_mem.peak_bytes,
@@ -205,34 +203,34 @@ assert nf4_bytes < 0.5 * bf16_bytes
 # %% [markdown]
 # ## Exercise 4
 # *(hard)* Teach subtraction without forgetting addition: write a `batches(step)` that mixes both
-# tasks, train with `quantize.train_adapters`, and measure both accuracies.
+# tasks, train with `steps.train_loop`, and measure both accuracies.
 #
-# Scaled down: the shipped adapter (`quantize.teach`: 400 steps of 64 subtraction problems, ~5 min of
+# Scaled down: the shipped adapter (`skills.teach`: 400 steps of 64 subtraction problems, ~5 min of
 # CPU) is the subtraction-only baseline; here we train 8 steps of 16 problems (same rank, learning
 # rate and clipping, no warmup, no checkpointing), once on subtraction only and once half and half.
 # After 8 steps subtraction accuracy is still 0%, so its held-out **loss** shows the learning.
 
 # %%
-def mixed_batches(cfg: quantize.SkillConfig, addition_share: float):
+def mixed_batches(cfg: skills.SkillConfig, addition_share: float):
     """``batches(step)``: ``cfg.batch_size`` fresh training problems, ``addition_share`` of them additions."""
     n_add = round(cfg.batch_size * addition_share)
 
     def batches(step: int):
-        seed = cfg.seed * 1_000_003 + step  # the seeds of quantize.skill_batches
+        seed = cfg.seed * 1_000_003 + step  # the seeds of skills.skill_batches
         problems = (reasoning.sample(cfg.batch_size - n_add, seed=seed, split="train", task=cfg.task)
                     + reasoning.sample(n_add, seed=seed, split="train", task="addition"))
         return student.make_batch(problems, tok)
     return batches
 
 
-def teach_mixed(cfg: quantize.SkillConfig, addition_share: float, progress: bool = False):
-    """``quantize.teach`` on mixed batches: fresh adapters on the 4-bit student; (model, losses)."""
-    model, _, losses = quantize.teach(cfg, device=device, progress=progress, batches=mixed_batches(cfg, addition_share))
+def teach_mixed(cfg: skills.SkillConfig, addition_share: float, progress: bool = False):
+    """``skills.teach`` on mixed batches: fresh adapters on the 4-bit student; (model, losses)."""
+    model, _, losses = skills.teach(cfg, device=device, progress=progress, batches=mixed_batches(cfg, addition_share))
     return model, losses
 
 
-SHORT = dataclasses.replace(quantize.SkillConfig(), steps=8, batch_size=16, warmup=0, checkpointing=False)
-shipped_sub, _, shipped_recipe = quantize.load_adapter("subtraction", device=device)
+SHORT = dataclasses.replace(skills.SkillConfig(), steps=8, batch_size=16, warmup=0, checkpointing=False)
+shipped_sub, _, shipped_recipe = skills.load_adapter("subtraction", device=device)
 forgetting = {"4-bit student, no adapter": quantize.load_quantized(source, SHORT.fmt, device=device),
               f"shipped: {shipped_recipe['skill_config']['steps']} steps, subtraction only": shipped_sub,
               f"{SHORT.steps} steps, subtraction only": teach_mixed(SHORT, addition_share=0.0)[0],
@@ -259,7 +257,7 @@ print(f"shipped adapter's recipe.json: {shipped_recipe['command']}, subtraction 
 #   of points between seeds and CPUs (the `≈`), while its held-out loss stays 10× or more below the
 #   subtraction-only run's: the loss is the steadier yardstick
 # - the full-length mixed run is the shipped recipe with these batches (about 5 min of CPU, not run here):
-#   `model, losses = teach_mixed(quantize.SkillConfig(), addition_share=0.5, progress=True)`, then
+#   `model, losses = teach_mixed(skills.SkillConfig(), addition_share=0.5, progress=True)`, then
 #   `student.accuracy(model, tok, n=500, task=...)` for both tasks
 
 # %%

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from lowmem_course import family, shard, shard_train, steps
+from lowmem_course import family, measure, shard, shard_train, steps
 from lowmem_course.units import format_bytes
 
 NAME = "r1-distill-qwen-1.5b"
@@ -60,9 +60,9 @@ def held(strategy: str, rank: int, world: int) -> dict[str, int]:
         ids = shard_train.batch_for(3, rank, cfg.vocab_size, 2, 64, cpu)
         model(input_ids=ids, labels=ids).loss.backward()  # the gradients exist, as in shard_train's count
         params = list(model.parameters())
-        return {"parameters": shard_train.storage_bytes(params),
-                "gradients": shard_train.storage_bytes([p.grad for p in params]),
-                "optimizer": shard_train.storage_bytes(shard_train.optimizer_tensors(opt))}
+        return {"parameters": measure.storage_bytes(*params),
+                "gradients": measure.storage_bytes(*(p.grad for p in params)),
+                "optimizer": measure.storage_bytes(*shard_train.optimizer_tensors(opt))}
     finally:
         dist.destroy_process_group()
 
