@@ -133,7 +133,7 @@ def check_bitsandbytes() -> Check:
             weight = torch.linspace(-1, 1, 4096, device=family.get_device()).reshape(64, 64)
             packed, state = F.quantize_4bit(weight, quant_type="nf4")
             error = (F.dequantize_4bit(packed, state) - weight).abs().max().item()
-    except Exception as failure:  # noqa: BLE001 - any failure here means 4-bit notebooks cannot run
+    except Exception as failure:
         return Check("bnb 4-bit", FAIL, f"4-bit round trip failed: {type(failure).__name__}: {failure}",
                      "pip install -U bitsandbytes (0.45+ has CPU support)")
     if error > 0.2:
@@ -183,7 +183,7 @@ def check_student(arch: str) -> Check:
         with redirect_stderr(io.StringIO()):
             model = family.load(path)
             family.load_tokenizer(path)
-    except Exception as failure:  # noqa: BLE001 - a student that does not load is the finding
+    except Exception as failure:
         return Check(name, FAIL, f"does not load: {type(failure).__name__}: {failure}", fix)
     n = sum(p.numel() for p in model.parameters())
     return Check(name, OK, f"{type(model).__name__}, {n:,} parameters")

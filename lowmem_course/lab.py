@@ -12,17 +12,16 @@ import logging
 import os
 import platform
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-
-from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import torch
 from transformers import PretrainedConfig, set_seed
 
 from lowmem_course import REPO_URL, family
-from lowmem_course.family import get_device  # noqa: F401  (the notebooks' and the CLI's lab.get_device)
+from lowmem_course.family import get_device
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "matplotlib", "lowmem-course")
 

@@ -416,7 +416,7 @@ def restore_checkpoint(out: Path, folder: Path, state: dict, model, optimizer, s
     path = folder / "trainable.safetensors"
     try:
         tensors = load_file(path)
-    except Exception as error:  # noqa: BLE001 - whatever the library says, the file is the problem
+    except Exception as error:
         raise TrainError(f"{path} cannot be read: {error}") from None
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if {n: t.shape for n, t in tensors.items()} != {n: p.shape for n, p in trainable.items()}:
@@ -427,7 +427,7 @@ def restore_checkpoint(out: Path, folder: Path, state: dict, model, optimizer, s
         for name, tensor in tensors.items():
             trainable[name].data.copy_(tensor)
         optimizer.load_state_dict(optimizer_state)
-    except Exception as error:  # noqa: BLE001 - a refused pickle, a truncated zip, another optimizer
+    except Exception as error:
         raise TrainError(f"{path} cannot be loaded: {type(error).__name__}: {error}") from None
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])

@@ -13,8 +13,20 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowmem_course import family, measure, steps, validate
-from lowmem_course.estimate import (ARCHITECTURES, Setup, count, estimate, job_of, kv_cache_per_token, load_config,
-                                    model_states, plan, recipe_of, setup_of, shape_of)
+from lowmem_course.estimate import (
+    ARCHITECTURES,
+    Setup,
+    count,
+    estimate,
+    job_of,
+    kv_cache_per_token,
+    load_config,
+    model_states,
+    plan,
+    recipe_of,
+    setup_of,
+    shape_of,
+)
 from lowmem_course.units import GiB, MiB
 
 QWEN = "r1-distill-qwen-1.5b"

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from lowmem_course.reasoning import (
-    END_THINK, THINK, VOCAB, addition, make_tokenizer, parse_answer, sample, split_of, subtraction,
+    END_THINK,
+    THINK,
+    VOCAB,
+    addition,
+    make_tokenizer,
+    parse_answer,
+    sample,
+    split_of,
+    subtraction,
 )
 
 operand = st.integers(min_value=100, max_value=999)

@@ -14,8 +14,19 @@ import torch
 from lowmem_course import family
 from lowmem_course.reasoning import addition, make_tokenizer, sample
 from lowmem_course.student import (
-    ARCHS, EVAL_N, EVAL_SEED, TARGET_ACCURACY, TrainConfig, accuracy, heldout_loss, learning_rate, load_student,
-    make_batch, student_config, student_dir, train,
+    ARCHS,
+    EVAL_N,
+    EVAL_SEED,
+    TARGET_ACCURACY,
+    TrainConfig,
+    accuracy,
+    heldout_loss,
+    learning_rate,
+    load_student,
+    make_batch,
+    student_config,
+    student_dir,
+    train,
 )
 
 TOK = make_tokenizer()

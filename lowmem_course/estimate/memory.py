@@ -11,9 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowmem_course.estimate.config import (
+    Linear,
+    Parameters,
+    Shape,
+    config_fields,
+    count,
+    is_moe,
+    layer_linears,
+    load_config,
+    lora_targets,
+    shape_of,
+)
 from lowmem_course.recipe import MODES, OPTIMIZERS, PRECISIONS, WEIGHTS, Recipe, RecipeError, base_weights
-from lowmem_course.estimate.config import (Linear, Parameters, Shape, config_fields, count, is_moe, layer_linears,
-                                           load_config, lora_targets, shape_of)
 
 CHECKPOINTING = ("none", "full")
 EXPERTS_SUFFIX = "+experts"  # the routed MoE experts quantized too (``quantize.quantize_experts``), inference only

@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_course.estimate.config import config_fields, load_config, shape_of
-from lowmem_course.estimate.memory import (CHECKPOINTING, EXPERTS_SUFFIX, PRECISIONS, Estimate, Setup,
-                                           estimate, recipe_of)
+from lowmem_course.estimate.memory import (
+    CHECKPOINTING,
+    EXPERTS_SUFFIX,
+    PRECISIONS,
+    Estimate,
+    Setup,
+    estimate,
+    recipe_of,
+)
 from lowmem_course.recipe import base_weights
 
 # Compute cost of each technique, rough published-order-of-magnitude factors used to rank, not to

@@ -30,7 +30,6 @@ print(doctor.summary())
 
 # %%
 import matplotlib.pyplot as plt
-import torch
 
 from lowmem_course import family, measure, plots, steps
 from lowmem_course.units import GiB, MiB, format_bytes
@@ -243,7 +242,7 @@ assert loss_peaks[0] < loss_peaks[1] < loss_peaks[2]                     # bigge
 assert full_step.breakdown["parameters"] == 4 * full_params              # exact at full size
 assert 16 * full_params <= full_step.peak_bytes                          # at least the 16 B/param rule
 assert full_step.peak_bytes > 24 * GiB                                   # does not fit a 24 GB card
-r1 = dict((r[0], r[1]) for r in family_rows)["r1"]
+r1 = {r[0]: r[1] for r in family_rows}["r1"]
 assert abs(r1.total / 671e9 - 1) < 0.005 and abs(r1.active / 37e9 - 1) < 0.02
 assert kept.peak_bytes > step.peak_bytes                                 # keeping the output costs memory
 assert first.breakdown["optimizer"] < step.breakdown["optimizer"]        # step 1 hides Adam's state

@@ -156,7 +156,7 @@ for name, dtype in INFERENCE.items():
 # %%
 values = torch.tensor([70000.0, 1.0, 1e-5, 1e-8])
 for dtype in (torch.float16, torch.bfloat16):
-    print(f"{str(dtype):<15}", [f"{v:.3g}" for v in values.to(dtype).float().tolist()])
+    print(f"{dtype!s:<15}", [f"{v:.3g}" for v in values.to(dtype).float().tolist()])
 
 # %% [markdown]
 # Real gradients of the student architecture after one fp32 step: how many would underflow to

@@ -23,13 +23,13 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
-import dataclasses, warnings
+import dataclasses, textwrap, warnings
 
 import matplotlib.pyplot as plt
 import torch
 
-from lowmem_course import estimate, family, measure, optimizers, plots, quantize, reasoning, skills, steps, student
-from lowmem_course.units import GiB, KiB, MiB, format_bytes
+from lowmem_course import estimate, family, measure, optimizers, plots, quantize, skills, steps, student
+from lowmem_course.units import GiB, KiB, format_bytes
 
 course = lab.course_model("student-qwen2")  # LOWMEM_MODEL=<Hub id> swaps in the real model
 source = course.source  # what family.load and quantize.load_quantized read
@@ -44,10 +44,10 @@ FORMATS = ("int8", "fp4", "nf4", "nf4-dq")  # the lesson's four formats (quantiz
 # - **int8** (LLM.int8): 8 bits + one fp32 scale per row
 # - **FP4 / NF4**: 4-bit codes, one fp32 `absmax` per block of 64 weights: 4 + 32/64 = 4.5 bits
 # - **NF4 + double quantization**: the absmax themselves in 8 bits, one fp32 per 256 blocks:
-#   4 + 8/64 + 32/(64·256) ≈ 4.127 bits (FP4 + double quantization, `fp4-dq`: the same)
+#   4 + 8/64 + 32/(64·256) ≈ 4.127 bits
 
 # %%
-theory_bits = {fmt: 8 * estimate.WEIGHT_BYTES[fmt] for fmt in ("bf16", *quantize.FORMATS)}
+theory_bits = {fmt: 8 * estimate.WEIGHT_BYTES[fmt] for fmt in ("bf16", *FORMATS)}
 for fmt, bits in theory_bits.items():
     print(f"{fmt:<7} {bits:6.3f} bits per weight")
 
@@ -63,13 +63,13 @@ for fmt, bits in theory_bits.items():
 reference = family.load(source, dtype=torch.bfloat16, device_map={"": str(device)}).eval()
 models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in FORMATS}
 storage = {fmt: quantize.storage_bytes(m) for fmt, m in models.items()}
-print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>11}{'tables':>9}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
+print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>12}{'tables':>11}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
 for fmt, s in storage.items():
     if fmt == "bf16":
         print(f"{fmt:<8}{format_bytes(s.total):>11}")
         continue
-    print(f"{fmt:<8}{format_bytes(s.total):>11}{format_bytes(s.codes):>11}{format_bytes(s.constants):>11}"
-          f"{format_bytes(s.tables):>9}{s.bits_per_weight:8.3f}{s.bits_per_weight_without_tables:11.3f}{theory_bits[fmt]:8.3f}")
+    print(f"{fmt:<8}{format_bytes(s.total):>11}{format_bytes(s.codes):>11}{format_bytes(s.constants):>12}"
+          f"{format_bytes(s.tables):>11}{s.bits_per_weight:8.3f}{s.bits_per_weight_without_tables:11.3f}{theory_bits[fmt]:8.3f}")
 
 # %% [markdown]
 # The per-weight buffers match the theory. The lookup tables (16 NF4 levels and the 256-entry
@@ -121,7 +121,7 @@ for fmt in models:
 
 # %%
 SKILL = skills.SkillConfig()
-print(SKILL)
+print(textwrap.fill(repr(SKILL), width=100, subsequent_indent="    "))  # no line wider than the notebook
 subtraction_batch = skills.skill_batches(SKILL)  # step -> (input_ids, labels), fresh problems per step
 base4 = quantize.load_quantized(source, SKILL.fmt, device=device)
 sub_before = student.accuracy(base4, tok, n=N_EVAL, seed=0, task="subtraction", progress=False)

@@ -206,7 +206,7 @@ caches = {
 quant = {}
 for label, make_cache in caches.items():
     made = []  # keep the cache of the evaluation batch, to weigh it afterwards
-    with kvcache.using_cache(qw_model, lambda: made.append(make_cache()) or made[-1]):
+    with kvcache.using_cache(qw_model, lambda made=made, make_cache=make_cache: made.append(make_cache()) or made[-1]):
         acc = accuracy(qw_model, qw_tok, n=N_EVAL, progress=False)  # every generate inside gets this cache
     quant[label] = dict(per_token=kvcache.cache_bytes(made[-1]) / (N_EVAL * made[-1].get_seq_length()), accuracy=acc)
 full = next(iter(quant.values()))

@@ -31,9 +31,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from lowmem_course import capstone, estimate, family, plots, quantize  # noqa: F401 (imports bitsandbytes once)
+from lowmem_course import capstone, estimate, family, plots, quantize
 from lowmem_course.capstone import Budget
-from lowmem_course.units import GiB, MiB, format_bytes, parse_bytes
+from lowmem_course.units import GiB, MiB, parse_bytes
 
 work = Path(tempfile.mkdtemp(prefix="lowmem-capstone-"))  # every file this notebook writes goes here
 

@@ -24,7 +24,6 @@ device = lab.start()
 # %%
 
 import matplotlib.pyplot as plt
-import torch
 
 from lowmem_course import family, measure, plots, validate
 from lowmem_course.estimate import Setup, estimate, model_states

@@ -14,6 +14,8 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
+import itertools
+
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -181,7 +183,7 @@ plt.show()
 
 # %%
 assert all(chunk_peak[c] == floor for c in CHUNKS if c <= 1024)                # flat floor up to 1,024
-assert all(chunk_peak[a] < chunk_peak[b] for a, b in zip(CHUNKS[3:], CHUNKS[4:]))  # then it grows
+assert all(chunk_peak[a] < chunk_peak[b] for a, b in itertools.pairwise(CHUNKS[3:]))  # then it grows
 assert abs(chunk_peak[4096] / plain.peak_bytes - 1) < 0.001                     # one chunk = plain
 assert 3.5 < floor / head_bytes < 4.5                                           # the floor is the head
 assert floor < 0.5 * plain.peak_bytes

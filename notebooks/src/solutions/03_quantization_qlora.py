@@ -158,7 +158,7 @@ print(f"more sensitive to 4 bits: the {more_sensitive} layers")
 # after so few steps, so the held-out subtraction loss is the measure, next to addition accuracy.
 
 # %%
-from peft import PeftModel  # noqa: E402
+from peft import PeftModel
 
 qlora = qloras[32]
 adapter_dir = tempfile.mkdtemp()
