@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
 import torch
-from transformers import PretrainedConfig, set_seed
+from transformers import PretrainedConfig
 
 from lowmem_course import REPO_URL, family
 from lowmem_course.family import get_device
@@ -100,6 +100,8 @@ def start(seed: int = 0) -> torch.device:
     """Set up a notebook: quiet the libraries, seed everything, print library versions and the
     device; return it."""
     quiet_libraries()
+    from transformers import set_seed  # imports bitsandbytes, whose CPU backend logs at import: after quieting
+
     set_seed(seed)  # Python's, NumPy's and PyTorch's generators: the same numbers every run
     versions = library_versions()
     device = get_device()
