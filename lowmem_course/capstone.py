@@ -175,7 +175,7 @@ def measure_recipe(model: str, recipe: str, data: str | Path, out: str | Path, b
                                                 "--save-every", str(steps), "--no-progress"))
     with contextlib.redirect_stdout(io.StringIO()):  # the run prints its memory report
         report = train.train(args)
-    m = measure.Measurement(**{k: v for k, v in report["memory"].items()})
+    m = measure.Measurement(**report["memory"])
     return validate.measured_components(m)
 
 
@@ -196,7 +196,8 @@ class Ratio:
 
 
 def miniature(model: str, recipes: list[str], data: str | Path, workdir: str | Path, baseline: str = "full",
-              batch: int = 8, seq: int = 32) -> tuple[list[Ratio], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+              batch: int = 8, seq: int = 32,
+              ) -> tuple[list[Ratio], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     """Run ``baseline`` and ``recipes`` on ``model`` (``tiny:<member>``, a student or a directory)
     through ``lowmem train``; returns the ratios and the measured and predicted components by recipe.
 
@@ -210,7 +211,8 @@ def miniature(model: str, recipes: list[str], data: str | Path, workdir: str | P
     for recipe in dict.fromkeys([baseline, *recipes]):
         out = Path(workdir) / f"{model.replace(':', '_')}-{recipe}"
         measured[recipe] = measure_recipe(model, recipe, data, out, batch, seq)
-        predicted[recipe] = validate.predicted_components(est.estimate(fields, est.setup_of(recipe, batch=batch, seq=seq, device="cpu")))
+        setup = est.setup_of(recipe, batch=batch, seq=seq, device="cpu")
+        predicted[recipe] = validate.predicted_components(est.estimate(fields, setup))
     ratios = [Ratio(model=model, recipe=r, baseline=baseline,
                     predicted=predicted[r]["total"] / predicted[baseline]["total"],
                     measured=measured[r]["total"] / measured[baseline]["total"]) for r in recipes]

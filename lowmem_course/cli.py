@@ -42,7 +42,8 @@ COLUMNS = {"training": ("weights", "gradients", "optimizer", "activations", "tot
            "inference": ("weights", "activations", "kv_cache", "total")}
 HEADINGS = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "activations": "activ",
             "kv_cache": "kv", "total": "total"}
-DEFAULT_RECIPE = "full+bf16-mixed"  # what ``lowmem estimate`` assumes without --recipe (fp16-mixed on a card without bf16)
+# what ``lowmem estimate`` assumes without --recipe (fp16-mixed on a card without bf16)
+DEFAULT_RECIPE = "full+bf16-mixed"
 MODE_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "inference": "inference"}
 FORWARDED_HELP = {  # subcommands with their own parser: `lowmem train --help` shows theirs
     "train": "train with a recipe (e.g. qlora+bf16-mixed+checkpointing, as lowmem plan prints), resumable",
@@ -197,8 +198,8 @@ def _no_bf16(budget: Budget | None, precisions: Sequence[str]) -> None:
 def _estimate(args: argparse.Namespace) -> int:
     budget: Budget | None = args.budget
     default = args.recipe is None
-    recipe = args.recipe or Recipe.parse(
-        DEFAULT_RECIPE if not (budget and budget.gpu and not budget.gpu.bf16) else DEFAULT_RECIPE.replace("bf16", "fp16"))
+    card_lacks_bf16 = budget and budget.gpu and not budget.gpu.bf16
+    recipe = args.recipe or Recipe.parse(DEFAULT_RECIPE.replace("bf16", "fp16") if card_lacks_bf16 else DEFAULT_RECIPE)
     _no_bf16(budget, [recipe.precision])
     setup = est.setup_of(recipe, batch=args.batch, seq=args.seq, gpus=args.gpus, lora_rank=args.lora_rank,
                          attention=args.attention, device=args.device)
@@ -241,8 +242,9 @@ def _advice(short: est.Shortfall, model: str, args: argparse.Namespace, budget: 
     else:
         rows.append(f"  not even {est.GPU_COUNTS[-1]} x {card} fit")
     if short.at_seq:
-        rows.append(f"  the longest context that fits on {n_gpus} GPU{'s' if n_gpus > 1 else ''} at batch {args.batch}: "
-                    f"{short.seq:,} tokens, {short.at_seq.recipe} ({short.at_seq.estimate.bytes['total'] / GiB:.2f} GiB)")
+        rows.append(f"  the longest context that fits on {n_gpus} GPU{'s' if n_gpus > 1 else ''} "
+                    f"at batch {args.batch}: {short.seq:,} tokens, {short.at_seq.recipe} "
+                    f"({short.at_seq.estimate.bytes['total'] / GiB:.2f} GiB)")
         rows.append(f"      {printable(short.at_seq.command(model))}")
     elif not weights_over:
         rows.append(f"  no context fits on {n_gpus} GPU{'s' if n_gpus > 1 else ''} at batch {args.batch}")

@@ -166,7 +166,8 @@ def check_disk(path: Path | None = None) -> Check:
     path = path or Path.cwd()
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_DISK:
-        return Check("free disk", WARN, f"{format_bytes(free)} at {path}", f"free at least {format_bytes(MIN_FREE_DISK)}")
+        return Check("free disk", WARN, f"{format_bytes(free)} at {path}",
+                     f"free at least {format_bytes(MIN_FREE_DISK)}")
     return Check("free disk", OK, f"{format_bytes(free)} at {path}")
 
 
@@ -241,7 +242,8 @@ def summary(checks: list[Check] | None = None) -> str:
         versions.replace(f" ({sys.executable})", ""),
         f"{by_name['device'].detail.split(',')[0]}; bf16 autocast {by_name['bf16 autocast'].status}; "
         f"free memory {by_name['free memory'].detail}",
-        "students: " + ", ".join(f"{a} {by_name[f'student {a}'].status}" for a in STUDENTS if f"student {a}" in by_name),
+        "students: " + ", ".join(f"{a} {by_name[f'student {a}'].status}"
+                                 for a in STUDENTS if f"student {a}" in by_name),
         ("doctor: ready" if not problems else "doctor: " + "; ".join(problems) + "  (run `lowmem doctor` for the fix)"),
     ]
     return "\n".join(lines)

@@ -184,7 +184,8 @@ def build(cfg: PretrainedConfig, device: str | torch.device = "cpu", dtype: torc
     from transformers import AutoModelForCausalLM
 
     if cfg.model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {cfg.model_type!r}: the course covers {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(f"unsupported architecture {cfg.model_type!r}: "
+                         f"the course covers {', '.join(SUPPORTED_ARCHITECTURES)}")
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):

@@ -34,7 +34,8 @@ def changed(folder: Path, hashes: dict[str, str]) -> list[str]:
 
 
 def read_manifest(path: Path) -> dict[str, str]:
-    """The ``{relative path: sha256}`` of a ``sha256sum`` file (lines ``HEX  PATH``); ``ValueError`` names a bad line."""
+    """The ``{relative path: sha256}`` of a ``sha256sum`` file (lines ``HEX  PATH``);
+    ``ValueError`` names a bad line."""
     hashes = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         digest, sep, name = line.partition("  ")

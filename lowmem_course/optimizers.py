@@ -31,7 +31,8 @@ def _optimizer_class(name: str) -> tuple[type[torch.optim.Optimizer], dict[str, 
     if name in ("adamw8bit", "paged-adamw8bit"):
         import bitsandbytes as bnb
 
-        return (bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit), {"min_8bit_size": MIN_8BIT_SIZE}
+        optimizer = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return optimizer, {"min_8bit_size": MIN_8BIT_SIZE}
     raise ValueError(f"unknown optimizer {name!r}: choose from {', '.join(OPTIMIZERS)}")
 
 

@@ -142,7 +142,8 @@ def input_norms(model: nn.Module, calibration: Batch | Iterable[Batch],
     ``(in_features,)``: ``sqrt(sum over tokens of x_j ** 2)``.
     """
     modules = prunable_linears(model) if modules is None else modules
-    return {name: s.sqrt() for name, s in _input_sums(model, calibration, modules, lambda x: x.pow(2).sum(dim=0)).items()}
+    sums = _input_sums(model, calibration, modules, lambda x: x.pow(2).sum(dim=0))
+    return {name: s.sqrt() for name, s in sums.items()}
 
 
 def input_grams(model: nn.Module, calibration: Batch | Iterable[Batch],

@@ -70,7 +70,8 @@ class Recipe:
         if inference and self.precision not in ("fp32", "bf16", "fp16"):
             raise RecipeError(f"inference runs in fp32, bf16 or fp16, not {self.precision}: autocast is for training")
         if not inference and self.precision == "fp16":
-            raise RecipeError("pure fp16 training overflows and underflows: write fp16-mixed (autocast with a loss scaler)")
+            raise RecipeError("pure fp16 training overflows and underflows: "
+                              "write fp16-mixed (autocast with a loss scaler)")
         if self.mode in ("lora", "qlora") and self.precision == "bf16":
             raise RecipeError(f"{self.mode} trains fp32 adapters: write {self.mode}+bf16-mixed for a bf16 base and "
                               "bf16 autocast (pure bf16 is for full fine-tuning)")
@@ -92,7 +93,8 @@ class Recipe:
         the token it cannot read, or the choices that do not go together."""
         tokens = [t.strip().lower() for t in str(text).split("+")]
         if not any(tokens):
-            raise RecipeError(f"empty recipe: write tokens joined by '+', e.g. qlora+bf16-mixed+checkpointing ({KNOWN})")
+            raise RecipeError(f"empty recipe: write tokens joined by '+', "
+                              f"e.g. qlora+bf16-mixed+checkpointing ({KNOWN})")
         fields: dict[str, object] = {}
 
         def put(name: str, value: object, token: str) -> None:

@@ -117,7 +117,8 @@ def launch(script_args: list[str], nproc: int = 2, timeout_s: float = 120.0) -> 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
-                raise TimeoutError(f"torchrun with {nproc} ranks did not finish in {timeout_s:g} s: killed it") from None
+                raise TimeoutError(
+                    f"torchrun with {nproc} ranks did not finish in {timeout_s:g} s: killed it") from None
         if proc.returncode != 0:
             raise _failure(stderr, proc.returncode, error_records(Path(logs)))
     return stdout

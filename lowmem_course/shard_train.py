@@ -222,7 +222,8 @@ def train(cfg, args: argparse.Namespace, device: torch.device, ckpt_dir: Path | 
         if kill and rank == args.kill_rank and done == args.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    losses = steps.train_loop(model, opt, lambda step: (batch_for(step, rank, cfg.vocab_size, args.batch, args.seq, device),),
+    losses = steps.train_loop(model, opt,
+                              lambda step: (batch_for(step, rank, cfg.vocab_size, args.batch, args.seq, device),),
                               args.train_steps, start=start, on_step=after)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0 and final:

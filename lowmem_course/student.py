@@ -104,7 +104,8 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return steps.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)(step)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[tuple[int, float]]]:
+def train(cfg: TrainConfig, progress: bool = True,
+          ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[tuple[int, float]]]:
     """Train a student from scratch on fresh training-split problems every step (``steps.train_loop``).
 
     Returns the model (fp32, CPU, eval mode), its tokenizer and the loss log: (step, mean loss over
@@ -129,7 +130,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[torch.nn.Module, Pre
             window.clear()
             tqdm.write(f"step {step + 1:5d}  loss {log[-1][1]:.4f}")
 
-    steps.train_loop(model, optimizer, lambda step: make_batch(sample(cfg.batch_size, seed=seeds[step], split="train"), tok),
+    steps.train_loop(model, optimizer,
+                     lambda step: make_batch(sample(cfg.batch_size, seed=seeds[step], split="train"), tok),
                      cfg.steps, schedule=lambda step: learning_rate(step, cfg),
                      grad_clip=cfg.grad_clip, on_step=record, progress=progress, desc=f"train {cfg.arch}")
     return model, tok, log
@@ -200,7 +202,7 @@ def save(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out: Path, log: l
 
 def write_record(out: Path, log: list[tuple[int, float]], recipe: dict) -> None:
     """How a shipped artefact was made: ``loss.csv`` ((step, loss) rows) and ``recipe.json`` in ``out``."""
-    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{l:.6f}\n" for s, l in log))
+    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in log))
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
 

@@ -254,7 +254,8 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and not found:
         raise TrainError(f"{out} has no checkpoint to resume from")
     if found and not (resume or overwrite):
-        raise TrainError(f"{out} already holds a run's checkpoint: pass --resume to continue it or --overwrite to start over")
+        raise TrainError(f"{out} already holds a run's checkpoint: "
+                         "pass --resume to continue it or --overwrite to start over")
 
 
 @contextlib.contextmanager
@@ -273,7 +274,8 @@ def claimed(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise TrainError(f"another lowmem train run is using {out}: wait for it to end or choose another --out") from None
+            raise TrainError(f"another lowmem train run is using {out}: "
+                             "wait for it to end or choose another --out") from None
         check_out(out, resume, overwrite)  # again: it may have changed since the first check
         yield
     except BaseException:
@@ -514,7 +516,8 @@ def _steps(args: argparse.Namespace, recipe: Recipe, out: Path, model, tokenizer
         nonlocal saved
         if not math.isfinite(loss):  # the weights may be broken now: nothing more is saved
             kept = f"{out / CHECKPOINT} (step {saved}) is kept" if saved else "no checkpoint was saved"
-            raise TrainError(f"step {step + 1}: the loss is {loss}; stopped, {kept}. Try a lower --lr, or check the data")
+            raise TrainError(f"step {step + 1}: the loss is {loss}; stopped, {kept}. "
+                             "Try a lower --lr, or check the data")
         log.write(json.dumps({"step": step + 1, "loss": round(loss, 6)}, allow_nan=False) + "\n")
         log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:

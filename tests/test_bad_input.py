@@ -28,7 +28,8 @@ def fields_of(base: str) -> list[str]:
 
 
 NOT_AN_INTEGER = st.one_of(st.text(max_size=6), st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True),
-                           st.booleans(), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+                           st.booleans(), st.lists(st.integers(), max_size=2),
+                           st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
 NOT_A_FLAG = st.one_of(st.text(max_size=6), st.integers(), st.floats(), st.lists(st.booleans(), max_size=2))
 
 
@@ -42,7 +43,8 @@ def broken_configs(draw):
     else:
         floor = 0 if field in NON_NEGATIVE_MOE else 1
         missing = st.nothing() if field in OPTIONAL else st.none()
-        bad = draw(st.one_of(NOT_AN_INTEGER, missing, st.integers(max_value=floor - 1), st.integers(min_value=2**24 + 1)))
+        bad = draw(st.one_of(NOT_AN_INTEGER, missing, st.integers(max_value=floor - 1),
+                             st.integers(min_value=2**24 + 1)))
     return {**BASES[base], field: bad}, field
 
 
@@ -67,7 +69,8 @@ def inconsistent_configs(draw):
     if kind == "kv_heads":
         heads = draw(st.integers(2, 128))
         kv = draw(st.integers(1, heads).filter(lambda k: heads % k))
-        return {**BASES["r1-distill-qwen-7b"], "num_attention_heads": heads, "num_key_value_heads": kv}, "num_key_value_heads"
+        return {**BASES["r1-distill-qwen-7b"], "num_attention_heads": heads,
+                "num_key_value_heads": kv}, "num_key_value_heads"
     if kind == "hidden":
         heads = draw(st.integers(2, 64))
         hidden = draw(st.integers(1, 10_000).filter(lambda h: h % heads))
@@ -199,7 +202,7 @@ def test_plan_quotes_the_paths_it_prints(capsys, tmp_path):
 def exits_2_in_one_line(capsys, main, argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     return err
 

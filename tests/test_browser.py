@@ -86,9 +86,10 @@ def lab_server(tmp_path):
             try:
                 urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
                 break
-            except OSError:
+            except OSError as err:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text())
+                    log_text = (tmp_path / "jupyterlab.log").read_text()
+                    raise RuntimeError("JupyterLab did not start:\n" + log_text) from err
                 time.sleep(0.5)
         yield base, token, copy
     finally:

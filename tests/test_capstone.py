@@ -90,7 +90,8 @@ def test_train_recipe_names_what_lowmem_train_runs(setup, expected):
     assert option.train_recipe == expected
 
 
-@pytest.mark.parametrize("recipe", ["full+fp32", "full+bf16", "lora+fp32+checkpointing", "qlora+fp16-mixed+checkpointing"])
+@pytest.mark.parametrize("recipe", ["full+fp32", "full+bf16", "lora+fp32+checkpointing",
+                                    "qlora+fp16-mixed+checkpointing"])
 def test_setup_of_and_recipe_of_round_trip(recipe):
     setup = estimate.setup_of(recipe, batch=8, seq=32, device="cpu")
     assert (setup.batch, setup.seq, setup.device, setup.optimizer) == (8, 32, "cpu", "adamw")
@@ -119,8 +120,8 @@ def test_estimator_config_of_a_twin_and_of_the_student():
 
 def test_the_miniature_ratios_match_the_estimator(tmp_path):
     data = capstone.write_data(tmp_path / "d.jsonl", n=16)
-    ratios, measured, predicted = capstone.miniature("tiny:r1-distill-qwen-1.5b", ["lora", "qlora+bf16-mixed+checkpointing"],
-                                                     data, tmp_path / "runs")
+    ratios, measured, predicted = capstone.miniature(
+        "tiny:r1-distill-qwen-1.5b", ["lora", "qlora+bf16-mixed+checkpointing"], data, tmp_path / "runs")
     assert [r.recipe for r in ratios] == ["lora", "qlora+bf16-mixed+checkpointing"]
     assert set(measured) == set(predicted) == {"full", "lora", "qlora+bf16-mixed+checkpointing"}
     assert all(abs(r.error) <= 0.10 for r in ratios)

@@ -57,7 +57,7 @@ def test_unknown_policy_is_refused(bad):
 
 
 def test_not_a_causal_lm_is_refused():
-    with pytest.raises(ValueError, match="has no model.layers"):
+    with pytest.raises(ValueError, match=r"has no model\.layers"):
         checkpointing.enable(torch.nn.Linear(2, 2), "attention")
 
 

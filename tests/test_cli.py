@@ -290,7 +290,7 @@ def test_gpu_memory_parser_accepts_or_refuses_cleanly(text):
     try:
         assert parse_bytes(text) > 0
     except ValueError:
-        with pytest.raises(Exception, match="memory size|cannot read"):
+        with pytest.raises(Exception, match=r"memory size|cannot read"):
             cli._memory(text)
 
 

@@ -57,7 +57,8 @@ def test_memory_below_binder_size_fails_and_above_is_ok():
 def test_uninstalled_package_fails_instead_of_checking_its_requirements(monkeypatch):
     monkeypatch.setattr(doctor, "PACKAGE", "no-such-package-lowmem")
     assert doctor.check_installed() == [doctor.Check("no-such-package-lowmem", "FAIL",
-                                                     "not installed (imported from a source tree?)", doctor.INSTALL_FIX)]
+                                                     "not installed (imported from a source tree?)",
+                                                     doctor.INSTALL_FIX)]
 
 
 def test_python_here_satisfies_the_package():
@@ -85,7 +86,8 @@ def test_bitsandbytes_round_trip_packs_two_weights_per_byte():
 def test_student_missing_fails_with_the_training_command(tmp_path, monkeypatch):
     monkeypatch.setattr(family, "STUDENTS_DIR", tmp_path)
     check = doctor.check_student("deepseek_v3")
-    assert (check.name, check.status, check.detail) == ("student deepseek_v3", "FAIL", f"not shipped: no {tmp_path / 'deepseek_v3'}")
+    assert (check.name, check.status, check.detail) == (
+        "student deepseek_v3", "FAIL", f"not shipped: no {tmp_path / 'deepseek_v3'}")
     assert check.fix.endswith("python -m lowmem_course.student train --arch deepseek_v3 --out DIR")
 
 

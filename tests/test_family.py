@@ -103,13 +103,13 @@ def test_load_round_trips_a_saved_twin_with_identical_logits(tmp_path, name):
 
 
 def test_load_names_the_missing_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         family.load(tmp_path)
 
 
 def test_load_names_the_missing_weights(tmp_path):
     family.tiny("r1-distill-qwen-1.5b").save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         family.load(tmp_path)
 
 

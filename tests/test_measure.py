@@ -59,7 +59,8 @@ def test_measurement_prints_in_readable_units():
 
 def test_unknown_optimizer_is_refused():
     model = family.build(family.tiny("r1-distill-qwen-1.5b"))
-    with pytest.raises(ValueError, match="unknown optimizer 'lion': choose from adamw, adamw8bit, paged-adamw8bit, sgd, sgd-momentum"):
+    refusal = "unknown optimizer 'lion': choose from adamw, adamw8bit, paged-adamw8bit, sgd, sgd-momentum"
+    with pytest.raises(ValueError, match=refusal):
         measure.make_optimizer(model, "lion")
 
 
@@ -82,7 +83,8 @@ def test_simulated_inference_holds_bf16_weights_and_a_kv_cache():
     n_params = family.count_parameters(cfg).total
     seq = 1024
     m = measure.simulate(cfg, mode="inference", seq=seq, dtype=torch.bfloat16)
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * seq * 2
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * seq * 2
     assert m.breakdown["parameters"] == 2 * n_params
     assert m.breakdown["activations"] >= kv_bytes
 

@@ -36,7 +36,9 @@ def test_semi_structured_mask_keeps_two_largest_of_every_four():
     mask = prune.semi_structured_mask(scores)
     blocks, keep = scores.reshape(-1, 4), mask.reshape(-1, 4)
     assert keep.sum(dim=1).tolist() == [2] * 24
-    assert (blocks.where(keep, float("inf")).min(dim=1).values > blocks.where(~keep, -float("inf")).max(dim=1).values).all()
+    lowest_kept = blocks.where(keep, float("inf")).min(dim=1).values
+    highest_dropped = blocks.where(~keep, -float("inf")).max(dim=1).values
+    assert (lowest_kept > highest_dropped).all()
 
 
 @pytest.mark.parametrize("call", [
@@ -63,7 +65,8 @@ def test_input_norms_are_exact_and_skip_padding():
     norms = prune.input_norms(model, batch)
     # q_proj's input is the first layer's normalised embeddings: compute it by hand.
     layer = model.model.layers[0]
-    x = layer.input_layernorm(model.model.embed_tokens(batch["input_ids"])).reshape(-1, layer.self_attn.q_proj.in_features)
+    normed = layer.input_layernorm(model.model.embed_tokens(batch["input_ids"]))
+    x = normed.reshape(-1, layer.self_attn.q_proj.in_features)
     torch.testing.assert_close(norms["model.layers.0.self_attn.q_proj"], x.norm(dim=0))
     assert len(norms) == 4 * 7  # q, k, v, o, gate, up, down in each of 4 layers
 
@@ -169,8 +172,8 @@ def test_prune_heads_keeps_kv_heads_and_equals_original_with_heads_zeroed():
     assert attn.q_proj.weight.shape == (2 * d, model.config.hidden_size)
     assert attn.o_proj.weight.shape == (model.config.hidden_size, 2 * d)
     assert torch.equal(attn.k_proj.weight, k_before)
-    kept = [h for h in range(groups) if any(torch.equal(q_before[h * d:(h + 1) * d], attn.q_proj.weight[j * d:(j + 1) * d])
-                                           for j in range(2))]
+    kept = [h for h in range(groups)
+            if any(torch.equal(q_before[h * d:(h + 1) * d], attn.q_proj.weight[j * d:(j + 1) * d]) for j in range(2))]
     assert len(kept) == 2
     assert model(**batch).logits.shape == (3, 24, family.TINY_VOCAB)
 
@@ -223,7 +226,8 @@ def test_wanda_selection_matches_torchao_wanda_sparsifier():
     torch.manual_seed(0)
     x = torch.randn(2, 32, 16) * torch.linspace(0.1, 3.0, 16)
     norm = x.reshape(-1, 16).norm(dim=0)
-    for block, select in ((None, lambda s: prune.unstructured_mask(s, 0.5, per="layer")), (4, prune.semi_structured_mask)):
+    for block, select in ((None, lambda s: prune.unstructured_mask(s, 0.5, per="layer")),
+                          (4, prune.semi_structured_mask)):
         model = nn.Sequential(nn.Linear(16, 8, bias=False))
         weight = model[0].weight.detach().clone()
         sparsifier = wanda.WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=block)
@@ -260,7 +264,8 @@ def test_pruned_config_counts_what_the_pruned_model_holds():
     r1 = family.tiny("r1")
     moe = family.build(r1, seed=0).eval()
     prune.prune_experts(moe, 4, prune.expert_counts(moe, batch))
-    assert sum(p.numel() for p in moe.parameters()) == family.count_parameters(prune.pruned_config(r1, experts=0.5)).total
+    pruned = family.count_parameters(prune.pruned_config(r1, experts=0.5)).total
+    assert sum(p.numel() for p in moe.parameters()) == pruned
     with pytest.raises(ValueError):
         prune.pruned_config(r1, mlp=0.5)
     with pytest.raises(ValueError):
@@ -342,5 +347,5 @@ def test_prune_unstructured_only_prunes_the_modules_the_filter_names():
     assert set(masks) == mlp and len(mlp) == 3 * model.config.num_hidden_layers  # gate, up, down
     for name, module in prune.prunable_linears(model).items():
         assert (module.weight == 0).float().mean().item() == (0.5 if name in mlp else 0.0)
-    with pytest.raises(ValueError, match="no decoder nn.Linear of Qwen2ForCausalLM has a name containing 'conv'"):
+    with pytest.raises(ValueError, match=r"no decoder nn\.Linear of Qwen2ForCausalLM has a name containing 'conv'"):
         prune.prune_unstructured(tiny_model(), "magnitude", 0.5, only="conv")

@@ -103,7 +103,7 @@ def test_a_rank_error_reaches_the_caller(tmp_path):
 
 
 def test_a_hung_job_is_killed_at_the_timeout(tmp_path):
-    with pytest.raises(TimeoutError, match="did not finish in 0.5 s"):
+    with pytest.raises(TimeoutError, match=r"did not finish in 0\.5 s"):
         shard.launch(["--train-steps", "50", "--final", str(tmp_path / "never.safetensors")], nproc=2, timeout_s=0.5)
 
 
@@ -133,24 +133,27 @@ def test_failure_report_names_rank_and_signal():
     stderr = "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 7)\n"
     err = shard._failure(stderr, 1)
     assert (err.rank, err.exit_code, str(err)) == (1, -9, "rank 1 died with exit code -9 (SIGKILL) (torchrun exited 1)")
-    bad_args = "usage: shard_train.py [-h]\nshard_train.py: error: unknown strategies ['zero4']\n" + stderr.replace("-9", "2")
+    bad_args = ("usage: shard_train.py [-h]\nshard_train.py: error: unknown strategies ['zero4']\n"
+                + stderr.replace("-9", "2"))
     assert str(shard._failure(bad_args, 1)) == ("rank 1 died with exit code 2: shard_train.py: error: unknown "
                                                 "strategies ['zero4'] (torchrun exited 1)")
     assert str(shard._failure("no summary", 1)) == "torchrun exited 1: no summary"
+
+
+def total_bytes(name, mode, n):
+    """The estimated peak of ``name`` in ``mode`` on ``n`` GPUs (ZeRO-3 when sharded)."""
+    precision = "bf16" if mode == "inference" else "bf16-mixed"
+    checkpointing = "none" if mode == "inference" else "full"
+    return estimate(name, Setup(mode=mode, precision=precision, checkpointing=checkpointing, gpus=n,
+                                zero=3 if n > 1 else 0)).bytes["total"]
 
 
 def test_gpus_needed_is_the_smallest_power_of_two_that_fits():
     gpu = 80 * 10**9
     for name, mode in [("r1-distill-qwen-1.5b", "inference"), ("r1-distill-qwen-14b", "full"), ("r1", "inference")]:
         gpus = shard.gpus_needed(name, mode, gpu)
-        precision = "bf16" if mode == "inference" else "bf16-mixed"
-        checkpointing = "none" if mode == "inference" else "full"
-
-        def total(n):
-            return estimate(name, Setup(mode=mode, precision=precision, checkpointing=checkpointing, gpus=n,
-                                        zero=3 if n > 1 else 0)).bytes["total"]
-        assert total(gpus) <= gpu
-        assert gpus == 1 or total(gpus // 2) > gpu
+        assert total_bytes(name, mode, gpus) <= gpu
+        assert gpus == 1 or total_bytes(name, mode, gpus // 2) > gpu
     assert shard.gpus_needed("r1", "full", gpu, max_gpus=2) is None
 
 
@@ -163,6 +166,7 @@ def test_a_ranks_error_record_says_why_it_died(tmp_path):
     assert records == {1: "ValueError: bad shard"}
     summary = "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 7)\n"
     printed = "[rank1]: RuntimeError: what the rank printed last\n" + summary
-    assert str(shard._failure(printed, 1, records)) == "rank 1 died with exit code 1: ValueError: bad shard (torchrun exited 1)"
+    assert str(shard._failure(printed, 1, records)) == (
+        "rank 1 died with exit code 1: ValueError: bad shard (torchrun exited 1)")
     assert str(shard._failure(printed, 1)) == ("rank 1 died with exit code 1: RuntimeError: what the rank printed last "
                                                "(torchrun exited 1)")  # no record: what it printed

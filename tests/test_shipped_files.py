@@ -39,7 +39,8 @@ def test_doctor_fails_when_a_shipped_file_is_altered(shipped_copy):
     (shipped_copy / "adapters" / "subtraction" / "recipe.json").unlink()
     check = doctor.check_shipped_files()
     assert (check.status, check.detail) == (
-        "FAIL", "2 differ from MANIFEST.sha256 or are missing: adapters/subtraction/recipe.json, qwen2/model.safetensors")
+        "FAIL",
+        "2 differ from MANIFEST.sha256 or are missing: adapters/subtraction/recipe.json, qwen2/model.safetensors")
     assert check.fix.startswith("reinstall the course package")
     assert doctor.check_student("qwen2").status == "ok"  # it still loads: only the hash tells
     summary = doctor.summary([doctor.Check("device", "ok", "cpu"), doctor.Check("bf16 autocast", "ok", ""),

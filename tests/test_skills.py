@@ -23,7 +23,8 @@ def test_teach_save_and_load_adapter_round_trip(tmp_path):
     assert quantize.trainable_parameters(model) == 82_432  # rank 8 on 7 maps x 4 layers of the qwen2 student
     skills.save_adapter(model, tmp_path, losses, {"skill_config": dataclasses.asdict(cfg)})
     assert (tmp_path / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "loss.csv").read_text().splitlines() == ["step,loss", *(f"{i + 1},{l:.6f}" for i, l in enumerate(losses))]
+    rows = [f"{i + 1},{loss:.6f}" for i, loss in enumerate(losses)]
+    assert (tmp_path / "loss.csv").read_text().splitlines() == ["step,loss", *rows]
     loaded, _, recipe = skills.load_adapter(tmp_path)
     ids = skills.skill_batches(cfg)(0)[0]
     with torch.no_grad():

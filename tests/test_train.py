@@ -36,7 +36,8 @@ def args(data, out, *extra):
     ("full", Recipe("full", "fp32")),
     ("BF16-MIXED + lora", Recipe("lora", "bf16-mixed")),
     ("full+bf16+adamw8bit", Recipe("full", "bf16", optimizer="adamw8bit")),
-    ("inference+bf16+nf4-dq+experts+tp8", Recipe("inference", "bf16", tensor_parallel=8, weights="nf4-dq", experts=True)),
+    ("inference+bf16+nf4-dq+experts+tp8",
+     Recipe("inference", "bf16", tensor_parallel=8, weights="nf4-dq", experts=True)),
     ("full+fp16-mixed+checkpointing+zero3+sgd-momentum", Recipe("full", "fp16-mixed", "sgd-momentum", True, zero=3)),
 ])
 def test_recipes_parse_and_print_back(text, expected):
@@ -49,7 +50,8 @@ def test_recipes_parse_and_print_back(text, expected):
     ("lora+bf16-mixed+fp16-mixed", "names its precision twice"), ("lora+turbo", "unknown token 'turbo'"),
     ("lora+lora", "names its mode twice"), ("qlora+bf16", "qlora trains fp32 adapters"),
     ("full+fp16", "pure fp16 training"), ("inference+checkpointing", "no backward pass"),
-    ("lora+zero2", "ZeRO shards full fine-tuning"), ("full+tp2", "inference only"), ("lora+bf16-mixed+experts", "experts"),
+    ("lora+zero2", "ZeRO shards full fine-tuning"), ("full+tp2", "inference only"),
+    ("lora+bf16-mixed+experts", "experts"),
 ])
 def test_bad_recipes_are_refused_in_one_line(text, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -167,7 +167,8 @@ def test_a_second_run_into_a_locked_folder_is_refused(data, tmp_path, capsys):
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         line = refused(capsys, args(data, out, "--steps", "1"))
-        assert line == f"lowmem train: another lowmem train run is using {out}: wait for it to end or choose another --out"
+        assert line == (f"lowmem train: another lowmem train run is using {out}: "
+                        "wait for it to end or choose another --out")
         assert list(out.iterdir()) == []
     finally:
         os.close(held)
@@ -230,7 +231,8 @@ CORRUPTIONS = {
                           "trainable.safetensors does not match the sha256 in state.json"),
     "truncated optimizer": (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt does not match the sha256"),
     "step as a string": (lambda c: edit_state(c, step="12"), "state.json: 'step' must be a positive integer, got '12'"),
-    "no hashes": (lambda c: edit_state(c, files=None), "state.json: no sha256 of trainable.safetensors and optimizer.pt"),
+    "no hashes": (lambda c: edit_state(c, files=None),
+                  "state.json: no sha256 of trainable.safetensors and optimizer.pt"),
     "state.json not JSON": (lambda c: (c / "state.json").write_text('{"step": 6,'), "state.json: not valid JSON"),
     "state.json missing": (lambda c: (c / "state.json").unlink(), "state.json is missing"),
     "refused pickle": (refused_pickle, "optimizer.pt cannot be loaded: UnpicklingError"),

@@ -1,8 +1,8 @@
 """Build the course notebooks from their sources and store them with outputs.
 
 Each notebook is written as a plain Python file in ``notebooks/src/NN_topic.py`` (the "percent"
-format that Jupytext, VS Code and Spyder read, parsed here by jupytext: ``# %%`` starts a code cell, ``# %% [markdown]`` a
-markdown cell whose lines start with ``# ``). This script turns each source into
+format that Jupytext, VS Code and Spyder read, parsed here by jupytext: ``# %%`` starts a code cell,
+``# %% [markdown]`` a markdown cell whose lines start with ``# ``). This script turns each source into
 ``notebooks/NN_topic.ipynb``, executes it on a fresh kernel from the notebook's folder, and saves it
 with its outputs, so learners can read the results on GitHub before running anything.
 

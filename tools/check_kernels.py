@@ -3,8 +3,9 @@
 nbval compares each cell's output with the stored one. This runs that comparison under PyTorch's
 portable scalar kernels (``ATEN_CPU_CAPABILITY=default``) and AVX2 kernels, each with 1 and 2
 threads, and with this machine's native kernels: one pytest process per setting, without
-pytest-xdist's workers (they compute on one thread); each setting takes minutes. An output that differs anywhere must be printed behind ``≈`` or excluded, and its claim
-asserted with a tolerance (CONTRIBUTING.md).
+pytest-xdist's workers (they compute on one thread); each setting takes minutes. An output that
+differs anywhere must be printed behind ``≈`` or excluded, and its claim asserted with a tolerance
+(CONTRIBUTING.md).
 
     python tools/check_kernels.py                  # every notebook and solution
     python tools/check_kernels.py 03 solutions/03  # notebooks whose paths under notebooks/ start with these

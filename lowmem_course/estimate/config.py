@@ -43,7 +43,8 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
         fields.setdefault("name_or_path", str(path.parent if path.name == "config.json" else path))
         _check_architecture(fields.get("model_type"), str(path))
         return fields
-    if path.suffix == ".json" or ("/" in str(name_or_path) and not str(name_or_path).lower().startswith("deepseek-ai/")):
+    looks_like_path = "/" in str(name_or_path) and not str(name_or_path).lower().startswith("deepseek-ai/")
+    if path.suffix == ".json" or looks_like_path:
         raise ValueError(f"{name_or_path}: no such file or directory")
     from lowmem_course import family  # names only: family imports torch lazily
 

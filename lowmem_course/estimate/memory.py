@@ -440,7 +440,8 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     final = _norm(s.hidden, t.residual, 1, t) * tokens
     logits = tokens * s.vocab * 4
     gathered = 0
-    if full and setup.zero >= 3 and gpus > 1:  # one layer's sharded parameters gathered in 16 bits (a LoRA base is not sharded)
+    # one layer's sharded parameters gathered in 16 bits (a LoRA base is not sharded)
+    if full and setup.zero >= 3 and gpus > 1:
         gathered = max(n.per_layer) * 2
     transient = [_backward_transient(s, i, setup, tokens) + gathered for i in range(s.layers)]
     recompute = [saved[i] if setup.checkpointing == "full" else 0 for i in range(s.layers)]
