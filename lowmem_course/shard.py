@@ -81,21 +81,30 @@ def error_records(log_dir: Path) -> dict[int, str]:
     return records
 
 
+_RANK_EXIT = r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"  # one failure in torchrun's summary
+
+
 def _failure(stderr: str, returncode: int, records: dict[int, str] | None = None) -> RankFailed:
     """The ``RankFailed`` for a torchrun job that exited with ``returncode``.
 
     torchrun's summary in ``stderr`` names the root-cause rank and its exit code (negative: killed by
-    a signal). Why it died: that rank's error record (``error_records``) when it wrote one, else the
-    last exception it printed (or an argument error, printed before ranks exist).
+    a signal): the first failure it observed. A rank that torchrun itself stopped (SIGTERM) is not the
+    cause when another rank failed: a rank whose peer was killed can record its error ("connection
+    closed by peer") before torchrun notices the kill. Why it died: that rank's error record
+    (``error_records``) when it wrote one, else the last exception it printed (or an argument error,
+    printed before ranks exist; never another rank's exception for a rank killed by a signal).
     """
     summary = stderr[stderr.find("Root Cause"):] if "Root Cause" in stderr else stderr
-    match = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", summary, re.DOTALL)
+    match = re.search(_RANK_EXIT, summary, re.DOTALL)
     if not match:
         return RankFailed(None, None, f"torchrun exited {returncode}: {stderr.strip()[-300:]}")
     rank, code = int(match.group(1)), int(match.group(2))
+    if code == -signal.SIGTERM:  # stopped by torchrun after another rank failed: that one is the cause
+        others = [(int(r), int(c)) for r, c in re.findall(_RANK_EXIT, stderr, re.DOTALL) if int(c) != code]
+        rank, code = others[0] if others else (rank, code)
     how = f" ({signal.Signals(-code).name})" if -code in {s.value for s in signal.Signals} else ""
     printed = (re.findall(rf"^\[rank{rank}\]: (\w+(?:Error|Exception): .+)$", stderr, re.MULTILINE)
-               or re.findall(r"^(\w+(?:Error|Exception): .+|[\w.]+: error: .+)$", stderr, re.MULTILINE)
+               or (code >= 0 and re.findall(r"^(\w+(?:Error|Exception): .+|[\w.]+: error: .+)$", stderr, re.MULTILINE))
                or re.findall(r"^(?:\[rank\d+\]: )?\s*(terminate called .+|what\(\): .+)$", stderr, re.MULTILINE))
     error = (records or {}).get(rank) or (printed[-1] if printed else "")
     why = f": {error}" if error else ""

@@ -140,6 +140,18 @@ def test_failure_report_names_rank_and_signal():
     assert str(shard._failure("no summary", 1)) == "torchrun exited 1: no summary"
 
 
+def test_a_killed_rank_is_the_cause_even_when_its_peer_recorded_an_error_first():
+    # rank 1 killed; rank 0's collective failed and recorded it before torchrun saw the kill, so torchrun's
+    # "first observed failure" is rank 0, which torchrun then stopped with SIGTERM
+    stderr = ("RuntimeError: [gloo] Connection closed by peer\nFailures:\n[1]:\n  rank      : 1 (local_rank: 1)\n"
+              "  exitcode  : -9 (pid: 8)\nRoot Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
+              "  exitcode  : -15 (pid: 7)\n")
+    err = shard._failure(stderr, 1, {0: "RuntimeError: [gloo] Connection closed by peer"})
+    assert (err.rank, err.exit_code, str(err)) == (1, -9, "rank 1 died with exit code -9 (SIGKILL) (torchrun exited 1)")
+    alone = stderr[stderr.find("Root Cause"):]  # no other failure: the stopped rank is all there is to report
+    assert shard._failure(alone, 1).rank == 0
+
+
 def total_bytes(name, mode, n):
     """The estimated peak of ``name`` in ``mode`` on ``n`` GPUs (ZeRO-3 when sharded)."""
     precision = "bf16" if mode == "inference" else "bf16-mixed"
