@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -338,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return {"estimate": _estimate, "plan": _plan, "gpus": _gpus, "validate": _validate}[args.command](args)
+    except BrokenPipeError:  # the reader stopped early (`lowmem plan ... | head`): it has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
+        return 0
     except (ValueError, OSError) as err:
         sys.stderr.write(f"lowmem {args.command}: error: {one_line(err)}\n")
         return 2

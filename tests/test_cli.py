@@ -353,3 +353,12 @@ def test_plan_splits_r1_over_8_gpus_with_4_bit_experts(capsys):
     assert line in out  # the estimate line reproduces it
     code, out, _ = run(capsys, *line.split()[1:], "--json")
     assert code == 0 and json.loads(out)["bytes"] == fits[0]["bytes"]
+
+
+def test_a_reader_that_stops_early_gets_no_error():
+    # `lowmem plan ... | head`: a reader that closes the pipe before lowmem writes (here `true`, which reads
+    # nothing) must not get a "Broken pipe" error from lowmem
+    reader = subprocess.run(["bash", "-o", "pipefail", "-c",
+                             f"{sys.executable} -m lowmem_course plan r1-distill-qwen-7b --gpu rtx-4090 | true"],
+                            capture_output=True, text=True, timeout=120)
+    assert (reader.returncode, reader.stderr) == (0, "")
