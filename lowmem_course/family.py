@@ -203,6 +203,19 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def lora_modules(model: torch.nn.Module) -> list[str]:
+    """Full names of the linear maps that carry a LoRA adapter: the estimator's targets
+    (``estimate.lora_targets``: every linear map of attention and of the MLP, lm_head and the routed
+    experts excluded; attention only on DeepSeek-V3), so a run adapts exactly what its estimate counts."""
+    import torch
+
+    from lowmem_course.estimate import lora_targets, shape_of
+
+    names = {x.name.split(".")[-1] for x in lora_targets(shape_of(model.config), False)}
+    return [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+            and n.split(".")[-1] in names and ".experts." not in n and n != "lm_head"]
+
+
 @dataclass(frozen=True)
 class ParameterCount:
     """Parameters of a model: all of them, and those one token passes through."""

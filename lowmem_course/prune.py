@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from transformers import PretrainedConfig
 
-from lowmem_course import measure, optimizers, steps
+from lowmem_course import family, measure, optimizers, steps
 from lowmem_course.family import decoder_layers
 
 Method = Literal["magnitude", "wanda"]
@@ -483,11 +483,8 @@ def pruned_config(cfg: PretrainedConfig, heads: float = 1.0, mlp: float = 1.0, l
     return new
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def recover_with_lora(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rank: int = 8,
-                      lr: float = 2e-3, target_modules: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
+                      lr: float = 2e-3) -> nn.Module:
     """Fine-tune LoRA adapters (peft) on a pruned model, then merge them back in; returns the merged model.
 
     ``batches`` yields ``(input_ids, labels)`` pairs (labels -100 where no loss is taken), one
@@ -497,7 +494,7 @@ def recover_with_lora(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                  target_modules=list(target_modules)))
+                                                  target_modules=family.lora_modules(model)))
     # torch's default AdamW kernel (not the fused one): the recovery notebook 04 records, bit for bit
     optimizer = optimizers.make_optimizer(peft_model, "adamw", lr, fused=False)
     batches = list(batches)

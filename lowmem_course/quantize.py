@@ -271,7 +271,8 @@ def quantize_experts(model: torch.nn.Module, quant_type: str = "nf4", double_qua
 
 def add_lora(model: torch.nn.Module, rank: int = 8, alpha: int = 16, upcast: bool = False,
              checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
-    """Wrap ``model`` in PEFT LoRA adapters on every linear map (QLoRA's "all-linear"); returns the PeftModel.
+    """Wrap ``model`` in PEFT LoRA adapters on ``family.lora_modules`` (QLoRA's "all-linear": every linear
+    map of attention and the MLP; attention only on DeepSeek-V3, as the estimator counts); returns the PeftModel.
 
     ``upcast=True`` runs ``peft.prepare_model_for_kbit_training`` first, which casts every
     non-quantized parameter (embeddings, norms, lm_head) to fp32: more stable in fp16, but it costs
@@ -288,7 +289,7 @@ def add_lora(model: torch.nn.Module, rank: int = 8, alpha: int = 16, upcast: boo
     if checkpointing:
         model.activation_checkpointing_enable()  # also sets input gradients (enable_input_require_grads)
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=family.lora_modules(model),
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

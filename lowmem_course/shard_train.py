@@ -92,7 +92,7 @@ def build_qlora(cfg, device: torch.device, seed: int, storage: torch.dtype) -> t
     for module in model.modules():  # CPU only: keep bnb from repacking the weights (breaks training)
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-    lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = LoraConfig(r=8, target_modules=family.lora_modules(model))
     return get_peft_model(model, lora).base_model.model  # the causal LM with adapters injected, base frozen
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lowmem_course import family, measure, precision, steps
-from lowmem_course.estimate import Estimate, Setup, estimate, lora_targets, shape_of
+from lowmem_course.estimate import Estimate, Setup, estimate
 from lowmem_course.recipe import base_weights
 from lowmem_course.units import MiB
 
@@ -51,16 +51,9 @@ def build_for(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> tor
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, lora_dropout=0.0,
-                          target_modules=lora_modules(model))
+                          target_modules=family.lora_modules(model))
         model = get_peft_model(model, lora)
     return model.train()
-
-
-def lora_modules(model: torch.nn.Module) -> list[str]:
-    """Full names of the modules that get an adapter: the estimator's LoRA targets."""
-    names = {x.name.split(".")[-1] for x in lora_targets(shape_of(model.config), False)}
-    return [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-            and n.split(".")[-1] in names and ".experts." not in n and n != "lm_head"]
 
 
 def measure_setup(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> measure.Measurement:

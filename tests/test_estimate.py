@@ -240,7 +240,7 @@ def _simulated_lora(cfg, seq: int) -> measure.Measurement:
 
     model = family.build(cfg, device="meta", dtype=torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules=validate.lora_modules(model)))
+                                             target_modules=family.lora_modules(model)))
     with FakeTensorMode():
         for module in model.modules():
             for key, p in module._parameters.items():

@@ -244,10 +244,11 @@ def test_recover_with_lora_merges_back_to_the_pruned_shapes():
     shapes = {name: p.shape for name, p in model.named_parameters()}
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     batch = steps.random_batch(family.TINY_VOCAB, 2, 16, seed=3)
-    recovered = prune.recover_with_lora(model, [(batch, batch)] * 2, rank=4, lr=1e-2, target_modules=("up_proj",))
+    adapted = {f"{name}.weight" for name in family.lora_modules(model)}  # the estimator's targets
+    recovered = prune.recover_with_lora(model, [(batch, batch)] * 2, rank=4, lr=1e-2)
     assert {name: p.shape for name, p in recovered.named_parameters()} == shapes
     changed = {name for name, p in recovered.named_parameters() if not torch.equal(p, original[name])}
-    assert changed == {f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)}
+    assert changed == adapted and len(adapted) == 7 * 4  # q, k, v, o, gate, up, down of each of 4 layers
     assert not any("lora" in name for name, _ in recovered.named_parameters())
 
 
