@@ -166,7 +166,7 @@ def storage_bytes(*tensors: torch.Tensor, counted: set[tuple[str, int]] | None =
     counts its arrays (COO: values and indices; CSR/BSR: values, row pointers and column indices;
     CSC/BSC likewise), a DTensor the local shard this rank holds. ``counted`` (updated in place)
     holds the storages counted by earlier calls, which are not counted again: several calls then
-    split one total, as ``quantize.storage_bytes`` does.
+    split one total, as ``quantize.storage_breakdown`` does.
     """
     counted = set() if counted is None else counted
     total = 0

@@ -165,7 +165,7 @@ def _expert_states(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Qua
     return getattr(module, "_lowmem_4bit", {})
 
 
-def storage_bytes(model: torch.nn.Module) -> StorageBytes:
+def storage_breakdown(model: torch.nn.Module) -> StorageBytes:
     """Measure the bytes of ``model``'s weights from its real buffers, by role (see ``StorageBytes``).
 
     ``measure.storage_bytes`` counts each storage once, in the first role that claims it.

@@ -36,7 +36,7 @@ def test_nf4_double_quant_bytes_are_exact(tmp_path):
     model = quantize.load_quantized(tmp_path, "nf4-dq")
     linears = _decoder_linears(reference)
     sizes = [m.in_features * m.out_features for m in linears.values()]
-    s = quantize.storage_bytes(model)
+    s = quantize.storage_breakdown(model)
     assert s.quantized_weights == sum(sizes)
     assert s.codes == sum(sizes) // 2  # two 4-bit codes per byte
     blocks = [math.ceil(n / 64) for n in sizes]
@@ -55,7 +55,7 @@ def test_real_size_layer_takes_4_127_bits_per_weight():
                               compress_statistics=True)
     layer.load_state_dict(torch.nn.Linear(1536, 8960, bias=False, dtype=torch.bfloat16).state_dict())
     layer = layer.to("cpu")
-    s = quantize.storage_bytes(layer)
+    s = quantize.storage_breakdown(layer)
     n, blocks = 1536 * 8960, 1536 * 8960 // 64
     assert (s.codes, s.constants, s.tables) == (n // 2, blocks + 4 * math.ceil(blocks / 256) + 4, 1088)
     assert s.bits_per_weight == pytest.approx(4.1276, abs=1e-4)
@@ -65,7 +65,7 @@ def test_int8_keeps_one_fp32_scale_per_row(tmp_path):
     reference = _save_twin(tmp_path)
     model = quantize.load_quantized(tmp_path, "int8")
     linears = _decoder_linears(reference).values()
-    s = quantize.storage_bytes(model)
+    s = quantize.storage_breakdown(model)
     assert s.quantized_weights == s.codes == sum(m.in_features * m.out_features for m in linears)
     assert s.constants == 4 * sum(m.out_features for m in linears)
     assert s.tables == 0
@@ -120,12 +120,13 @@ def test_lora_with_checkpointing_gets_input_gradients(tmp_path):
 
 def test_upcast_doubles_the_unquantized_bytes(tmp_path):
     _save_twin(tmp_path)
-    plain = quantize.storage_bytes(quantize.load_quantized(tmp_path, "nf4-dq"))
-    upcast = quantize.storage_bytes(quantize.add_lora(quantize.load_quantized(tmp_path, "nf4-dq"), rank=4, upcast=True))
+    plain = quantize.storage_breakdown(quantize.load_quantized(tmp_path, "nf4-dq"))
+    upcast_model = quantize.add_lora(quantize.load_quantized(tmp_path, "nf4-dq"), rank=4, upcast=True)
+    upcast = quantize.storage_breakdown(upcast_model)
     lora = quantize.add_lora(quantize.load_quantized(tmp_path, "nf4-dq"), rank=4)
     adapters = 4 * quantize.trainable_parameters(lora)
     buffers = sum(b.numel() * b.element_size() for n, b in lora.named_buffers() if "rotary" in n)
-    assert quantize.storage_bytes(lora).other == plain.other + adapters
+    assert quantize.storage_breakdown(lora).other == plain.other + adapters
     assert upcast.other == 2 * (plain.other - buffers) + buffers + adapters
     assert upcast.codes == plain.codes
 
@@ -133,7 +134,7 @@ def test_upcast_doubles_the_unquantized_bytes(tmp_path):
 def test_quantize_experts_stores_them_in_4_bits(tmp_path):
     reference = _save_twin(tmp_path, name="r1")
     model = quantize.load_quantized(tmp_path, "nf4-dq")
-    before = quantize.storage_bytes(model)
+    before = quantize.storage_breakdown(model)
     experts = quantize.fused_expert_modules(model)
     expert_weights = sum(p.numel() for m in experts for p in m.parameters())
     assert len(experts) == 2 and expert_weights == 2 * 8 * 3 * 64 * 32
@@ -141,7 +142,7 @@ def test_quantize_experts_stores_them_in_4_bits(tmp_path):
     with torch.no_grad():
         reference_logits = reference(input_ids=ids).logits
     assert quantize.quantize_experts(model) == 4
-    after = quantize.storage_bytes(model)
+    after = quantize.storage_breakdown(model)
     assert after.quantized_weights == before.quantized_weights + expert_weights
     assert after.codes == before.codes + expert_weights // 2
     assert after.other == before.other - 2 * expert_weights

@@ -56,13 +56,13 @@ for fmt, bits in theory_bits.items():
 #
 # Load the same `save_pretrained` directory with each `BitsAndBytesConfig`
 # (`quantize.load_quantized` = `from_pretrained(..., quantization_config=quantize.bnb_config(fmt))`).
-# `quantize.storage_bytes` reads every buffer: the packed codes, the quantization constants
+# `quantize.storage_breakdown` reads every buffer: the packed codes, the quantization constants
 # (absmax, nested absmax, offset) and the per-layer lookup tables.
 
 # %%
 reference = family.load(source, dtype=torch.bfloat16, device_map={"": str(device)}).eval()
 models = {"bf16": reference} | {fmt: quantize.load_quantized(source, fmt, device=device) for fmt in FORMATS}
-storage = {fmt: quantize.storage_bytes(m) for fmt, m in models.items()}
+storage = {fmt: quantize.storage_breakdown(m) for fmt, m in models.items()}
 print(f"{'format':<8}{'model':>11}{'codes':>11}{'constants':>12}{'tables':>11}{'bits/w':>8}{'w/o tables':>11}{'theory':>8}")
 for fmt, s in storage.items():
     if fmt == "bf16":
@@ -83,7 +83,7 @@ real_layer = quantize.bnb.nn.Linear4bit(real.hidden_size, real.intermediate_size
                                         compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
 real_layer.load_state_dict(torch.nn.Linear(real.hidden_size, real.intermediate_size, bias=False).state_dict())
 real_layer = real_layer.to(device)
-real_bits = quantize.storage_bytes(real_layer).bits_per_weight
+real_bits = quantize.storage_breakdown(real_layer).bits_per_weight
 print(f"one {real.intermediate_size}x{real.hidden_size} layer in NF4 + double quant: {real_bits:.4f} bits per weight")
 
 # %%
@@ -206,7 +206,7 @@ for label, (model, opt) in runs.items():
     model.train()  # checkpointing only acts in training mode
     opt = opt or optimizers.make_optimizer(model, "adamw", lr=1e-5)
     m = measure.measure_train_step(model, opt, mem_batch, label=label)
-    s = quantize.storage_bytes(model)
+    s = quantize.storage_breakdown(model)
     extra = s.constants + s.tables if s.quantized_weights else 0
     step_memory[label] = m.breakdown | {"parameters": m.breakdown["parameters"] + extra}
 for label, b in step_memory.items():
@@ -263,8 +263,8 @@ print(paged_note[0] if paged_note else "paged optimizer: state in CUDA unified m
 # %%
 from peft import prepare_model_for_kbit_training
 
-kbit = quantize.storage_bytes(quantize.load_quantized(source, "nf4-dq", device=device))
-upcast = quantize.storage_bytes(prepare_model_for_kbit_training(
+kbit = quantize.storage_breakdown(quantize.load_quantized(source, "nf4-dq", device=device))
+upcast = quantize.storage_breakdown(prepare_model_for_kbit_training(
     quantize.load_quantized(source, "nf4-dq", device=device), use_gradient_checkpointing=False))
 real_counts = estimate.count(estimate.shape_of(real))
 real_upcast = 2 * (real_counts.total - real_counts.linear)
@@ -319,11 +319,11 @@ print(f"with the fix: {sum(lora_grads)} of {len(lora_grads)} LoRA matrices got a
 moe_source = student.student_dir("deepseek_v3")
 moe_tok = family.load_tokenizer(moe_source)
 moe = quantize.load_quantized(moe_source, "nf4-dq", device=device)
-moe_before = quantize.storage_bytes(moe)
+moe_before = quantize.storage_breakdown(moe)
 expert_weights = sum(p.numel() for m in quantize.fused_expert_modules(moe) for p in m.parameters())
 moe_acc_before = student.accuracy(moe, moe_tok, n=N_EVAL, seed=0, progress=False)
 quantize.quantize_experts(moe)  # 4-bit blockwise NF4 for the fused experts, dequantized per forward
-moe_after = quantize.storage_bytes(moe)
+moe_after = quantize.storage_breakdown(moe)
 moe_acc_after = student.accuracy(moe, moe_tok, n=N_EVAL, seed=0, progress=False)
 print(f"'4-bit' DeepseekV3 student: {format_bytes(moe_before.total)}, of which {moe_before.other / moe_before.total:.0%} "
       f"still 16-bit ({expert_weights:,} expert weights); accuracy {moe_acc_before:.1%}")

@@ -180,7 +180,7 @@ merge_result["merged into 4-bit base"] = loss_and_accuracy(nf4_merged)
 for k, (loss, acc) in merge_result.items():
     print(f"{k:<24} held-out subtraction loss ≈{loss:.3f}  addition accuracy ≈{acc:.0%}")
 print("\n".join(sorted({str(w.message).splitlines()[0] for w in merge_warnings if "merg" in str(w.message).lower()})))
-nf4_bytes, bf16_bytes = quantize.storage_bytes(nf4_merged).total, quantize.storage_bytes(bf16_merged).total
+nf4_bytes, bf16_bytes = quantize.storage_breakdown(nf4_merged).total, quantize.storage_breakdown(bf16_merged).total
 print(f"weights: 4-bit merge {format_bytes(nf4_bytes)}, bf16 merge {format_bytes(bf16_bytes)}")
 
 # %% [markdown]
