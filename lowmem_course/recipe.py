@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 Mode = Literal["full", "lora", "qlora", "inference"]
-MODES: tuple[str, ...] = ("full", "lora", "qlora", "inference")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
+MODES: tuple[str, ...] = get_args(Mode)
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 WEIGHTS: tuple[str, ...] = ("int8", "nf4", "fp4", "nf4-dq", "fp4-dq")  # quantized storage of a frozen base
 FOUR_BIT: tuple[str, ...] = ("nf4", "fp4", "nf4-dq", "fp4-dq")
 OptimizerName = Literal["adamw", "adamw8bit", "paged-adamw8bit", "sgd", "sgd-momentum"]  # optimizers.make_optimizer's

@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lowmem_course import family, measure, optimizers, steps
+from lowmem_course.cmdline import positive_int
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3-bf16", "zero3-offload", "qlora", "qlora-uint8")
 META_FILE = "lowmem_shard_meta.json"  # written beside every checkpoint: which model it belongs to
@@ -234,14 +235,14 @@ def train(cfg, args: argparse.Namespace, device: torch.device, ckpt_dir: Path | 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="r1-distill-qwen-1.5b", help="family member whose tiny twin is trained")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--seq", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--measure", default="", help=f"comma-separated strategies among {', '.join(STRATEGIES)}")
     p.add_argument("--out", help="JSON file rank 0 writes the measurements to")
     p.add_argument("--train-steps", type=int, default=0)
     p.add_argument("--ckpt-dir")
-    p.add_argument("--ckpt-every", type=int, default=2)
+    p.add_argument("--ckpt-every", type=positive_int, default=2)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--final", help="safetensors file rank 0 writes the final full weights to")
     p.add_argument("--reference", help="first train uninterrupted, without checkpoints, and write the final "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lowmem_course.estimate.config import (
     Linear,
@@ -23,14 +23,29 @@ from lowmem_course.estimate.config import (
     lora_targets,
     shape_of,
 )
-from lowmem_course.recipe import MODES, OPTIMIZERS, PRECISIONS, WEIGHTS, Recipe, RecipeError, base_weights
+from lowmem_course.recipe import (
+    MODES,
+    OPTIMIZERS,
+    PRECISIONS,
+    WEIGHTS,
+    Mode,
+    OptimizerName,
+    Precision,
+    Recipe,
+    RecipeError,
+    base_weights,
+)
 
-CHECKPOINTING = ("none", "full")
+Checkpointing = Literal["none", "full"]
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 EXPERTS_SUFFIX = "+experts"  # the routed MoE experts quantized too (``quantize.quantize_experts``), inference only
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", *WEIGHTS, "nf4-dq" + EXPERTS_SUFFIX)
-PARALLEL = ("data", "tensor")
-ATTENTION = ("sdpa", "eager")
-DEVICES = ("cuda", "cpu")
+Parallel = Literal["data", "tensor"]
+PARALLEL: tuple[str, ...] = get_args(Parallel)
+Attention = Literal["sdpa", "eager"]
+ATTENTION: tuple[str, ...] = get_args(Attention)
+Device = Literal["cuda", "cpu"]
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 @dataclass(frozen=True)
@@ -52,19 +67,19 @@ class Setup:
     as well, which bitsandbytes loading alone leaves in 16 bits.
     """
 
-    mode: str = "full"
-    precision: str = "bf16-mixed"
-    optimizer: str = "adamw"
+    mode: Mode = "full"
+    precision: Precision = "bf16-mixed"
+    optimizer: OptimizerName = "adamw"
     batch: int = 1
     seq: int = 1024
-    checkpointing: str = "none"
+    checkpointing: Checkpointing = "none"
     gpus: int = 1
     zero: int = 0
     lora_rank: int = 16
-    weights: str | None = None
-    attention: str = "sdpa"
-    device: str = "cuda"
-    parallel: str = "data"
+    weights: str | None = None  # one of WEIGHT_FORMATS
+    attention: Attention = "sdpa"
+    device: Device = "cuda"
+    parallel: Parallel = "data"
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
