@@ -306,9 +306,9 @@ def _gpus(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from lowmem_course import lab, validate
+    from lowmem_course import validate
 
-    device = lab.get_device()
+    device = family.get_device()
     items = validate.grid()
     if args.quick:
         items = [(n, s) for n, s in items if s.seq == 128]
