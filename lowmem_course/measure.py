@@ -9,12 +9,22 @@ freed memory and under-reports peaks). On CUDA the allocator's own peak is recor
 ``simulate`` runs the same training or inference step on a **real-size** config under
 ``FakeTensorMode``: tensors carry shapes and dtypes but no storage, so a 1.5B-parameter step is
 measured on a laptop without allocating it.
+
+Device bytes and host bytes. Offloading techniques move tensors from the GPU to host RAM. On a GPU
+the tracker keeps the two apart by device; on a CPU-only machine host and "device" are the same
+memory, so the course separates them the one honest way it can: a technique hands each tensor it
+offloads to ``HOST`` (``HOST.copy``, or ``HOST.keep`` for one it made under ``HOST.computing()``,
+where the host does the work). The tracker skips the storages ``HOST`` holds and the tensors made
+under ``HOST.computing()``; ``HOST`` counts the bytes it holds, and ``track`` reports their peak as
+``Measurement.host_peak_bytes``. Bringing a tensor back is an ordinary copy, which the tracker counts
+as device bytes, as the host-to-device copy on a GPU allocates device memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -24,6 +34,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import PretrainedConfig
 
 from lowmem_course import family, steps
@@ -42,9 +53,11 @@ CATEGORIES = tuple(_CATEGORIES.values())
 class Measurement:
     """Peak memory of one block of code, in bytes.
 
-    ``breakdown`` splits ``peak_bytes`` at the moment of the peak. ``allocator_peak_bytes`` is
-    CUDA's ``max_memory_allocated`` over the block (None on CPU), and ``snapshot_path`` the allocator
-    history file to drop on https://pytorch.org/memory_viz when one was asked for.
+    ``breakdown`` splits ``peak_bytes`` (device bytes) at the moment of the peak. ``host_peak_bytes``
+    is the peak of the host bytes offloaded tensors held during the block (``HOST``).
+    ``allocator_peak_bytes`` is CUDA's ``max_memory_allocated`` over the block (None on CPU), and
+    ``snapshot_path`` the allocator history file to drop on https://pytorch.org/memory_viz when one
+    was asked for.
     """
 
     label: str = ""
@@ -53,10 +66,13 @@ class Measurement:
     breakdown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     allocator_peak_bytes: int | None = None
     snapshot_path: str | None = None
+    host_peak_bytes: int = 0
 
     def __str__(self) -> str:
         rows = [f"{self.label or 'measurement'} on {self.device}: peak {format_bytes(self.peak_bytes)}"]
         rows += [f"  {name:<12} {format_bytes(n)}" for name, n in self.breakdown.items() if n]
+        if self.host_peak_bytes:
+            rows.append(f"  host peak    {format_bytes(self.host_peak_bytes)} (offloaded)")
         if self.allocator_peak_bytes is not None:
             rows.append(f"  (CUDA allocator peak {format_bytes(self.allocator_peak_bytes)})")
         return "\n".join(rows)
@@ -64,6 +80,71 @@ class Measurement:
     def to_dict(self) -> dict:
         """A JSON-ready dict of the measurement."""
         return asdict(self)
+
+
+class HostPool:
+    """The host memory that offloaded tensors occupy, counted beside the tracker's device pool.
+
+    ``bytes`` is what the storages it holds take now, ``peak`` the most since ``reset_peak``. A
+    storage is held from ``keep`` until the last tensor on it is freed. See the module docstring.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.peak = 0
+        self._held: dict[int, int] = {}  # storage key -> bytes
+        self._computing = 0
+
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> int:
+        return StorageWeakRef(tensor.untyped_storage()).cdata
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Count ``tensor``'s storage as host bytes (once) until it is freed; returns ``tensor``."""
+        storage = tensor.untyped_storage()
+        key = self._key(tensor)
+        if key not in self._held:
+            self._held[key] = storage.nbytes()
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(storage, self._release, key)
+        return tensor
+
+    def _release(self, key: int) -> None:
+        self.bytes -= self._held.pop(key, 0)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """True when ``tensor`` lives in a storage this pool counts."""
+        return self._key(tensor) in self._held
+
+    @property
+    def is_computing(self) -> bool:
+        """True inside ``computing()``."""
+        return self._computing > 0
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """A block whose operations run on the host: what they make is not device memory (the
+        tracker skips it); ``keep`` what should count as host bytes."""
+        self._computing += 1
+        try:
+            yield
+        finally:
+            self._computing -= 1
+
+    def copy(self, tensor: torch.Tensor, pin_memory: bool = False) -> torch.Tensor:
+        """A host copy of ``tensor`` (pinned when asked, for a CUDA source), counted as host bytes."""
+        with self.computing():
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin_memory)
+            host.copy_(tensor.detach(), non_blocking=pin_memory)
+        return self.keep(host)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes held now."""
+        self.peak = self.bytes
+
+
+HOST = HostPool()  # the one host pool: techniques put offloaded tensors here, ``track`` reads its peak
 
 
 class _Tracker(MemTracker):
@@ -95,6 +176,17 @@ class _Tracker(MemTracker):
 
     def _track_gradient(self, grad: torch.Tensor) -> None:
         self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+    # Host memory (``HOST``) is not device memory: skip what it holds and what is made on the host.
+    def _track(self, reftype: object, t: torch.Tensor) -> None:
+        if not (HOST.is_computing or HOST.holds(t)):
+            super()._track(reftype, t)
+
+    def _update_and_maybe_create_winfos(self, t: torch.Tensor, reftype: object,
+                                        update_existing: bool = False) -> set:
+        if HOST.is_computing or HOST.holds(t):
+            return set()
+        return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
 
 
 def _device_of(stateful: tuple[object, ...]) -> torch.device:
@@ -128,8 +220,10 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
             torch.cuda.memory._record_memory_history(max_entries=100_000)
     tracker = _Tracker()
     tracker.track_external(*stateful)
+    HOST.reset_peak()
     with tracker:
         yield result
+    result.host_peak_bytes = HOST.peak
     snapshots = tracker.get_tracker_snapshot("peak")
     snap = snapshots.get(device) or max(snapshots.values(), key=lambda s: s["Total"], default={"Total": 0})
     result.peak_bytes = int(snap["Total"])

@@ -149,3 +149,33 @@ def test_measure_train_step_measures_the_step_it_is_given():
     assert calls == [batch.shape] * 3 and "gradients" not in {k for k, v in m.breakdown.items() if v}
     with pytest.raises(ValueError, match="autocast_dtype applies to the default step only"):
         measure.measure_train_step(model, optimizer, batch, autocast_dtype=torch.bfloat16, step=forward_only)
+
+
+def test_offloaded_bytes_leave_the_device_pool_and_count_as_host_bytes():
+    with measure.track(label="offload") as m:
+        device = torch.ones(256, 1024)  # 1 MiB on the device
+        host = measure.HOST.copy(device)  # offloaded: 1 MiB on the host
+        del device
+        with measure.HOST.computing():  # work done on the host is not device memory
+            host.mul_(2)
+            scratch = torch.empty(3 * MiB, dtype=torch.uint8)
+            del scratch
+        back = host.to("cpu", copy=True)  # brought back: a new device copy
+        del host
+        del back
+    assert m.peak_bytes == MiB
+    assert m.host_peak_bytes == MiB
+    assert measure.HOST.bytes == 0
+    assert "host peak    1.00 MiB" in str(m)
+
+
+def test_host_pool_counts_a_storage_once_until_its_last_view_is_freed():
+    pool = measure.HostPool()
+    t = torch.empty(1000, dtype=torch.float32)
+    pool.keep(t)
+    pool.keep(t[10:20])
+    view = t[:5]
+    del t
+    assert pool.bytes == 4000 and pool.holds(view)
+    del view
+    assert pool.bytes == 0 and pool.peak == 4000
