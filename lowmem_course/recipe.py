@@ -13,8 +13,15 @@ base weights       ``int8``, ``nf4``, ``fp4``, ``nf4-dq``, ``fp4-dq``: the froze
                    (``qlora`` alone means ``nf4-dq``; inference: any); ``experts``: the routed MoE
                    experts quantized too (inference)
 checkpointing      ``checkpointing``: every decoder layer recomputed in backward
+activations        ``offload-activations``: what backward keeps (with ``checkpointing``: the
+                   layers' inputs) moved to host memory in forward, back in backward
+loss               ``chunked-loss``: the logits made and reduced a chunk of tokens at a time
 optimizer          ``adamw`` (the default), ``adamw8bit``, ``paged-adamw8bit`` (CUDA), ``sgd``,
                    ``sgd-momentum``
+optimizer step     ``step-in-backward``: each parameter stepped as soon as its gradient is
+                   made, then the gradient freed; ``offload-optimizer``: AdamW's state (and the
+                   step) on the host, each gradient moved there as it is made
+accumulation       ``accumN``: each step's batch run as N micro-batches (gradient accumulation)
 sharding           ``zero1`` / ``zero2`` / ``zero3`` (full fine-tuning over several GPUs),
                    ``tpN`` (inference: one model split over N GPUs)
 =================  ============================================================================
@@ -37,11 +44,19 @@ FOUR_BIT: tuple[str, ...] = ("nf4", "fp4", "nf4-dq", "fp4-dq")
 OptimizerName = Literal["adamw", "adamw8bit", "paged-adamw8bit", "sgd", "sgd-momentum"]  # optimizers.make_optimizer's
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 CHECKPOINTING, EXPERTS = "checkpointing", "experts"
+OFFLOAD_ACTIVATIONS, CHUNKED_LOSS = "offload-activations", "chunked-loss"
+STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER = "step-in-backward", "offload-optimizer"
+FLAGS = {CHECKPOINTING: "checkpointing", EXPERTS: "experts", OFFLOAD_ACTIVATIONS: "offload_activations",
+         CHUNKED_LOSS: "chunked_loss", STEP_IN_BACKWARD: "step_in_backward",
+         OFFLOAD_OPTIMIZER: "offload_optimizer"}  # token -> Recipe field, for the on/off tokens
 QLORA_WEIGHTS = "nf4-dq"  # QLoRA's base: NF4 with double quantization (Dettmers et al., 2023)
 _ZERO = re.compile(r"zero([123])")
 _TP = re.compile(r"tp([1-9][0-9]*)")
+_ACCUM = re.compile(r"accum([1-9][0-9]*)")
 KNOWN = (f"{'/'.join(MODES)}; {'/'.join(PRECISIONS)}; {'/'.join(WEIGHTS)}, {EXPERTS}; {CHECKPOINTING}; "
-         f"{'/'.join(OPTIMIZERS)}; zero1/zero2/zero3, tpN")
+         f"{OFFLOAD_ACTIVATIONS}; {CHUNKED_LOSS}; {'/'.join(OPTIMIZERS)}; {STEP_IN_BACKWARD}, {OFFLOAD_OPTIMIZER}; "
+         "accumN; zero1/zero2/zero3, tpN")
+TRAINING_ONLY = (CHECKPOINTING, OFFLOAD_ACTIVATIONS, CHUNKED_LOSS, STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER)
 
 
 class RecipeError(ValueError):
@@ -60,6 +75,11 @@ class Recipe:
     tensor_parallel: int = 1  # GPUs one served model is split over (inference)
     weights: str | None = None  # quantized storage of the frozen base; None: 16/32-bit (qlora: nf4-dq)
     experts: bool = False  # the routed MoE experts stored in ``weights`` as well (inference)
+    offload_activations: bool = False  # saved activations (checkpointed inputs) kept in host memory
+    chunked_loss: bool = False  # the loss's logits made a chunk of tokens at a time
+    step_in_backward: bool = False  # the optimizer step fused into backward, one parameter at a time
+    offload_optimizer: bool = False  # AdamW's state and step on the host
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
@@ -76,8 +96,27 @@ class Recipe:
         if self.mode in ("lora", "qlora") and self.precision == "bf16":
             raise RecipeError(f"{self.mode} trains fp32 adapters: write {self.mode}+bf16-mixed for a bf16 base and "
                               "bf16 autocast (pure bf16 is for full fine-tuning)")
-        if inference and (self.checkpointing or self.optimizer != "adamw" or self.zero):
-            raise RecipeError("inference has no backward pass: no checkpointing, optimizer or ZeRO")
+        if inference and (self.checkpointing or self.optimizer != "adamw" or self.zero or self.accumulate > 1
+                          or self.offload_activations or self.chunked_loss or self.step_in_backward
+                          or self.offload_optimizer):
+            raise RecipeError(f"inference has no backward pass: no {', '.join(TRAINING_ONLY)}, optimizer, "
+                              "accumN or ZeRO")
+        if not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise RecipeError(f"accumN needs N >= 1 micro-batches, got {self.accumulate!r}")
+        if self.step_in_backward and self.offload_optimizer:
+            raise RecipeError(f"{STEP_IN_BACKWARD} steps on the device and {OFFLOAD_OPTIMIZER} on the host: "
+                              "choose one")
+        if self.step_in_backward and self.accumulate > 1:
+            raise RecipeError(f"{STEP_IN_BACKWARD} steps as each gradient is made: there is no gradient left to "
+                              f"accumulate {self.accumulate} micro-batches into (drop accum{self.accumulate})")
+        if self.step_in_backward and self.precision == "fp16-mixed":
+            raise RecipeError(f"{STEP_IN_BACKWARD} cannot run under fp16-mixed: the loss scaler must see every "
+                              "gradient before any step (use bf16-mixed)")
+        if self.offload_optimizer and self.optimizer != "adamw":
+            raise RecipeError(f"{OFFLOAD_OPTIMIZER} keeps AdamW's fp32 state on the host: write it with adamw, "
+                              f"not {self.optimizer}")
+        if (self.step_in_backward or self.offload_optimizer) and self.zero:
+            raise RecipeError(f"{STEP_IN_BACKWARD} and {OFFLOAD_OPTIMIZER} are modelled on one GPU, not with ZeRO")
         if self.weights and self.mode in ("full", "lora"):
             raise RecipeError(f"{self.mode} trains a 16/32-bit model: a quantized base ({self.weights}) is qlora")
         if self.experts and not (inference and self.weights in FOUR_BIT):
@@ -104,7 +143,7 @@ class Recipe:
             fields[name] = value
 
         for token in tokens:
-            zero, tp = _ZERO.fullmatch(token), _TP.fullmatch(token)
+            zero, tp, accum = _ZERO.fullmatch(token), _TP.fullmatch(token), _ACCUM.fullmatch(token)
             if token in MODES:
                 put("mode", token, token)
             elif token in PRECISIONS:
@@ -113,10 +152,10 @@ class Recipe:
                 put("weights", token, token)
             elif token in OPTIMIZERS:
                 put("optimizer", token, token)
-            elif token == CHECKPOINTING:
-                put("checkpointing", True, token)
-            elif token == EXPERTS:
-                put("experts", True, token)
+            elif token in FLAGS:
+                put(FLAGS[token], True, token)
+            elif accum:
+                put("accumulate", int(accum.group(1)), token)
             elif zero:
                 put("zero", int(zero.group(1)), token)
             elif tp:
@@ -132,8 +171,12 @@ class Recipe:
         if self.weights and not (self.mode == "qlora" and self.weights == QLORA_WEIGHTS):
             parts.append(self.weights)
         parts += [EXPERTS] * self.experts + [CHECKPOINTING] * self.checkpointing
+        parts += [OFFLOAD_ACTIVATIONS] * self.offload_activations + [CHUNKED_LOSS] * self.chunked_loss
         if self.optimizer != "adamw":
             parts.append(self.optimizer)
+        parts += [OFFLOAD_OPTIMIZER] * self.offload_optimizer + [STEP_IN_BACKWARD] * self.step_in_backward
+        if self.accumulate > 1:
+            parts.append(f"accum{self.accumulate}")
         if self.zero:
             parts.append(f"zero{self.zero}")
         if self.tensor_parallel > 1:

@@ -91,7 +91,9 @@ def test_train_recipe_names_what_lowmem_train_runs(setup, expected):
 
 
 @pytest.mark.parametrize("recipe", ["full+fp32", "full+bf16", "lora+fp32+checkpointing",
-                                    "qlora+fp16-mixed+checkpointing"])
+                                    "qlora+fp16-mixed+checkpointing",
+                                    "qlora+bf16-mixed+checkpointing+offload-activations+chunked-loss+accum8",
+                                    "full+bf16+step-in-backward", "full+bf16-mixed+offload-optimizer"])
 def test_setup_of_and_recipe_of_round_trip(recipe):
     setup = estimate.setup_of(recipe, batch=8, seq=32, device="cpu")
     assert (setup.batch, setup.seq, setup.device, setup.optimizer) == (8, 32, "cpu", "adamw")

@@ -39,6 +39,10 @@ def args(data, out, *extra):
     ("inference+bf16+nf4-dq+experts+tp8",
      Recipe("inference", "bf16", tensor_parallel=8, weights="nf4-dq", experts=True)),
     ("full+fp16-mixed+checkpointing+zero3+sgd-momentum", Recipe("full", "fp16-mixed", "sgd-momentum", True, zero=3)),
+    ("accum4+chunked-loss+checkpointing+offload-activations+lora+bf16-mixed",
+     Recipe("lora", "bf16-mixed", checkpointing=True, offload_activations=True, chunked_loss=True, accumulate=4)),
+    ("full+bf16+step-in-backward", Recipe("full", "bf16", step_in_backward=True)),
+    ("full+bf16-mixed+offload-optimizer+accum2", Recipe("full", "bf16-mixed", offload_optimizer=True, accumulate=2)),
 ])
 def test_recipes_parse_and_print_back(text, expected):
     assert Recipe.parse(text) == expected
@@ -51,7 +55,11 @@ def test_recipes_parse_and_print_back(text, expected):
     ("lora+lora", "names its mode twice"), ("qlora+bf16", "qlora trains fp32 adapters"),
     ("full+fp16", "pure fp16 training"), ("inference+checkpointing", "no backward pass"),
     ("lora+zero2", "ZeRO shards full fine-tuning"), ("full+tp2", "inference only"),
-    ("lora+bf16-mixed+experts", "experts"),
+    ("lora+bf16-mixed+experts", "experts"), ("inference+bf16+chunked-loss", "no backward pass"),
+    ("inference+accum2", "no backward pass"), ("full+accum0", "unknown token 'accum0'"),
+    ("full+step-in-backward+offload-optimizer", "choose one"), ("full+step-in-backward+accum2", "no gradient"),
+    ("full+fp16-mixed+step-in-backward", "loss scaler"), ("full+adamw8bit+offload-optimizer", "with adamw"),
+    ("full+bf16-mixed+step-in-backward+zero2", "not with ZeRO"), ("full+accum2+accum4", "names its accumulate twice"),
 ])
 def test_bad_recipes_are_refused_in_one_line(text, message):
     with pytest.raises(ValueError, match=message) as error:

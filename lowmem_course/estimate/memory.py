@@ -65,6 +65,13 @@ class Setup:
     (expert parallel). ``batch`` then counts the sequences the whole group serves (every GPU works on
     all of them). ``weights="nf4-dq+experts"`` (inference only) stores the fused MoE experts in NF4-dq
     as well, which bitsandbytes loading alone leaves in 16 bits.
+
+    Training techniques (the recipe tokens of the same names): ``accumulate`` runs the ``batch`` as
+    that many micro-batches of ``batch // accumulate`` sequences; ``chunked_loss`` makes the loss's
+    logits a chunk of tokens at a time; ``offload_activations`` keeps what backward needs (with
+    checkpointing: the layers' inputs) in host memory; ``step_in_backward`` steps each parameter as
+    its gradient is made and frees the gradient; ``offload_optimizer`` keeps AdamW's state, and
+    steps, on the host.
     """
 
     mode: Mode = "full"
@@ -80,6 +87,11 @@ class Setup:
     attention: Attention = "sdpa"
     device: Device = "cuda"
     parallel: Parallel = "data"
+    accumulate: int = 1
+    chunked_loss: bool = False
+    offload_activations: bool = False
+    step_in_backward: bool = False
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
@@ -89,7 +101,7 @@ class Setup:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
-        for name in ("batch", "seq", "gpus", "lora_rank"):
+        for name in ("batch", "seq", "gpus", "lora_rank", "accumulate"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -97,6 +109,13 @@ class Setup:
             raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.parallel == "tensor" and (self.mode != "inference" or self.zero):
             raise ValueError("parallel='tensor' models inference only, without ZeRO")
+        if self.batch % self.accumulate:
+            raise ValueError(f"accumulate ({self.accumulate}) must divide the batch ({self.batch}) into equal "
+                             "micro-batches")
+        training_only = [name for name in ("chunked_loss", "offload_activations", "step_in_backward",
+                                           "offload_optimizer") if getattr(self, name)]
+        if self.mode == "inference" and (training_only or self.accumulate > 1):
+            raise ValueError(f"{', '.join(training_only) or 'accumulate'} applies to training, not inference")
         if self.weights and self.weights.endswith(EXPERTS_SUFFIX) and self.mode != "inference":
             raise ValueError(f"weights={self.weights!r} is for inference only: training would save every "
                              "layer's dequantized experts for backward")
@@ -324,7 +343,9 @@ def recipe_of(setup: Setup) -> Recipe:
     if setup.mode == "inference":
         precision = base_weights("inference", precision)
     return Recipe(mode=setup.mode, precision=precision, optimizer=setup.optimizer,
-                  checkpointing=setup.checkpointing == "full", zero=setup.zero,
+                  checkpointing=setup.checkpointing == "full", zero=setup.zero, accumulate=setup.accumulate,
+                  chunked_loss=setup.chunked_loss, offload_activations=setup.offload_activations,
+                  step_in_backward=setup.step_in_backward, offload_optimizer=setup.offload_optimizer,
                   tensor_parallel=setup.gpus if setup.parallel == "tensor" else 1,
                   weights=weights if weights in WEIGHTS else None,
                   experts=bool(setup.weights and setup.weights.endswith(EXPERTS_SUFFIX)))
@@ -335,7 +356,7 @@ def setup_of(recipe: Recipe | str, batch: int = 1, seq: int = 1024, gpus: int | 
     """The estimator's ``Setup`` of ``recipe`` (a ``Recipe`` or its text) on a run of that shape.
 
     ``gpus`` defaults to what the recipe needs (``tpN``: N); a ``tpN`` recipe on another number of
-    GPUs is refused.
+    GPUs is refused. ``batch`` is the whole batch of a step per GPU (``accumN`` splits it).
     """
     r = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     gpus = gpus or r.gpus_needed
@@ -345,7 +366,9 @@ def setup_of(recipe: Recipe | str, batch: int = 1, seq: int = 1024, gpus: int | 
     return Setup(mode=r.mode, precision=r.precision, optimizer=r.optimizer, batch=batch, seq=seq,
                  checkpointing="full" if r.checkpointing else "none", gpus=gpus, zero=r.zero, lora_rank=lora_rank,
                  weights=weights, attention=attention, device=device,
-                 parallel="tensor" if r.tensor_parallel > 1 else "data")
+                 parallel="tensor" if r.tensor_parallel > 1 else "data", accumulate=r.accumulate,
+                 chunked_loss=r.chunked_loss, offload_activations=r.offload_activations,
+                 step_in_backward=r.step_in_backward, offload_optimizer=r.offload_optimizer)
 
 
 def adapter_parameters(s: Shape, rank: int) -> int:
