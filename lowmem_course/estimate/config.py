@@ -6,6 +6,7 @@ Pure arithmetic on ``config.json`` fields (no torch, no transformers): ``count``
 
 from __future__ import annotations
 
+import functools
 import json
 import reprlib
 from dataclasses import dataclass
@@ -208,8 +209,10 @@ def _mlp(d: int, inner: int, bias: bool = False) -> list[Linear]:
     return [Linear("gate_proj", d, inner, bias), Linear("up_proj", d, inner, bias), Linear("down_proj", inner, d, bias)]
 
 
-def layer_linears(s: Shape, moe: bool) -> list[Linear]:
-    """The linear maps of one decoder layer (routed experts as one ``Linear`` with ``count`` experts)."""
+@functools.lru_cache(maxsize=64)
+def layer_linears(s: Shape, moe: bool) -> tuple[Linear, ...]:
+    """The linear maps of one decoder layer (routed experts as one ``Linear`` with ``count`` experts).
+    Cached: the planner asks for the same layers thousands of times."""
     h = s.hidden
     if s.arch == "deepseek_v3":
         qk = s.qk_nope + s.qk_rope
@@ -223,11 +226,11 @@ def layer_linears(s: Shape, moe: bool) -> list[Linear]:
         attn = [Linear("q_proj", h, q, s.qkv_bias), Linear("k_proj", h, kv, s.qkv_bias),
                 Linear("v_proj", h, kv, s.qkv_bias), Linear("o_proj", q, h, s.o_bias)]
     if not moe:
-        return attn + _mlp(h, s.intermediate, s.mlp_bias)
+        return tuple(attn + _mlp(h, s.intermediate, s.mlp_bias))
     shared = [Linear(f"shared_experts.{x.name}", x.d_in, x.d_out) for x in _mlp(h, s.moe_intermediate * s.shared)]
-    return attn + shared + [Linear("router", h, s.experts),
-                            Linear("experts.gate_up_proj", h, 2 * s.moe_intermediate, count=s.experts),
-                            Linear("experts.down_proj", s.moe_intermediate, h, count=s.experts)]
+    return tuple(attn + shared + [Linear("router", h, s.experts),
+                                  Linear("experts.gate_up_proj", h, 2 * s.moe_intermediate, count=s.experts),
+                                  Linear("experts.down_proj", s.moe_intermediate, h, count=s.experts)])
 
 
 def _norm_parameters(s: Shape) -> int:
@@ -252,6 +255,7 @@ class Parameters:
     experts: int = 0  # in the routed experts' fused 3-D weights (what 4/8-bit loading leaves in 16 bits)
 
 
+@functools.lru_cache(maxsize=64)
 def count(s: Shape) -> Parameters:
     """Exact parameter counts (``family.count_parameters`` builds a meta model to get the same)."""
     per_layer, inactive, linear, experts = [], 0, 0, 0
@@ -273,9 +277,10 @@ def count(s: Shape) -> Parameters:
 # DeepseekV3 adapts attention only: on transformers 5, peft turns any gate/up/down_proj target into
 # adapters on the fused routed experts of every MoE layer (its v4-compatibility mapping), so an MLP
 # target cannot mean "the dense and shared-expert MLPs" there.
-def lora_targets(s: Shape, moe: bool) -> list[Linear]:
+@functools.lru_cache(maxsize=64)
+def lora_targets(s: Shape, moe: bool) -> tuple[Linear, ...]:
     """The linear maps of one layer that carry a LoRA adapter."""
     attention_only = s.arch == "deepseek_v3"
-    return [x for x in layer_linears(s, moe) if x.count == 1 and x.name != "router"
-            and not (attention_only and x.name.endswith(("gate_proj", "up_proj", "down_proj")))]
+    return tuple(x for x in layer_linears(s, moe) if x.count == 1 and x.name != "router"
+                 and not (attention_only and x.name.endswith(("gate_proj", "up_proj", "down_proj"))))
 

@@ -44,6 +44,7 @@ Parallel = Literal["data", "tensor"]
 PARALLEL: tuple[str, ...] = get_args(Parallel)
 Attention = Literal["sdpa", "eager"]
 ATTENTION: tuple[str, ...] = get_args(Attention)
+HOST_PARTS = ("weights", "gradients", "optimizer", "activations", "total")  # Estimate.host_bytes' keys
 Device = Literal["cuda", "cpu"]
 DEVICES: tuple[str, ...] = get_args(Device)
 
@@ -132,6 +133,7 @@ class Estimate:
     trainable_parameters: int
     bytes: dict[str, int] = field(default_factory=dict)
     peak_phase: str = ""  # the moment of the step the peak falls in, e.g. "loss backward"
+    host_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HOST_PARTS, 0))  # offloaded
 
     @property
     def recipe(self) -> str | None:
@@ -146,7 +148,7 @@ class Estimate:
         return {"model": self.model, "recipe": self.recipe, "setup": self.setup.__dict__, "parameters": self.parameters,
                 "active_parameters": self.active_parameters,
                 "trainable_parameters": self.trainable_parameters, "peak_phase": self.peak_phase,
-                "bytes": dict(self.bytes)}
+                "bytes": dict(self.bytes), "host_bytes": dict(self.host_bytes)}
 
 
 
@@ -435,38 +437,62 @@ def model_states(model: str | Path | Any, setup: Setup) -> ModelStates:
     return _model_states(s, count(s), setup)
 
 
+CHUNK_TOKENS = 1024  # tokens per chunk of the chunked loss (``steps``' chunk size)
+
+
 def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     """Predict the peak bytes per device of running ``model`` (a name, path or config) as ``setup``.
 
     Training peaks at one of a step's phases: the loss's backward (all activations, the logits
     and two logits-sized gradients), the lm_head's, the top or bottom layer's backward, or the
     embedding's (all gradients). Inference holds the weights, the KV cache and one layer's
-    temporaries. ``bytes`` gives the components at the peak phase.
+    temporaries. ``bytes`` gives the components at the peak phase (device bytes), ``host_bytes``
+    what offloading keeps in host memory (its peak; zeros without offloading).
+
+    The techniques: ``accumulate`` runs ``batch // accumulate`` sequences at a time, while every
+    gradient of the step is already held from the earlier micro-batches; ``chunked_loss`` holds one
+    chunk of ``CHUNK_TOKENS`` tokens' logits instead of all; ``offload_activations`` keeps what
+    backward needs on the host, bringing back one layer's at a time; ``step_in_backward`` and
+    ``offload_optimizer`` free each gradient as soon as it is made, so at most the largest one
+    parameter's gradient is alive; ``offload_optimizer`` keeps the optimizer state, an fp32 copy of
+    the trainable parameters and their fp32 gradients on the host (16 bytes per parameter).
     """
     setup = setup or Setup()
     fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
     s = shape_of(fields)
     n = count(s)
     name = fields.get("name_or_path") or fields.get("_name_or_path") or s.arch
-    tokens = setup.batch * setup.seq
     if setup.mode == "inference":
-        return _inference(name, s, n, setup, tokens)
+        return _inference(name, s, n, setup, setup.batch * setup.seq)
+    tokens = setup.batch // setup.accumulate * setup.seq  # one micro-batch
     t = activation_dtypes(setup)
     full = setup.mode == "full"
     st = _model_states(s, n, setup)
     weights, optimizer, grad_total = st.weights, st.optimizer, st.gradients
     trainable, g_bytes, shard_g, gpus = st.trainable, st.grad_bytes, st.grad_shards, setup.gpus
     deepspeed = st.deepspeed
+    one_at_a_time = setup.step_in_backward or setup.offload_optimizer  # each gradient freed once made
 
-    def grads_of(params: int) -> int:
-        return params * g_bytes // shard_g if full else 0
-
-    def layer_grads(i: int) -> int:
+    def layer_params(i: int) -> list[int]:
+        """Elements of each trainable tensor of layer ``i`` (a whole MoE expert stack is one tensor)."""
         if full:
-            return grads_of(n.per_layer[i])
-        return sum(setup.lora_rank * (x.d_in + x.d_out) for x in lora_targets(s, is_moe(s, i))) * g_bytes // shard_g
+            return [x.parameters for x in layer_linears(s, is_moe(s, i))] + [s.hidden]
+        return [setup.lora_rank * d for x in lora_targets(s, is_moe(s, i)) for d in (x.d_in, x.d_out)]
 
-    saved = [layer_saved_per_token(s, i, setup) * tokens for i in range(s.layers)]
+    def grads(params: list[int]) -> int:
+        """Gradient bytes alive once the tensors ``params`` have theirs: all of them, or the largest
+        when each is freed as it is made; all of the step's when accumulating."""
+        if setup.accumulate > 1 and not one_at_a_time:
+            return grad_total
+        if one_at_a_time:
+            return max(params, default=0) * g_bytes
+        return sum(params) * g_bytes // shard_g
+
+    head = [s.vocab * s.hidden] if full and not s.tied else []
+    top, bottom = s.layers - 1, 0
+    kinds = {is_moe(s, i): i for i in range(s.layers)}  # dense and MoE layers save alike within their kind
+    per_token = {moe: layer_saved_per_token(s, i, setup) for moe, i in kinds.items()}
+    saved = [per_token[is_moe(s, i)] * tokens for i in range(s.layers)]
     copies = [0] * s.layers
     head_copy = 0
     if full and t.mixed and not deepspeed:  # autocast's cached 16-bit weights, saved for backward
@@ -476,30 +502,43 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     inputs = [tokens * s.hidden * t.residual] * s.layers
     kept = inputs if setup.checkpointing == "full" else saved
     final = _norm(s.hidden, t.residual, 1, t) * tokens
-    logits = tokens * s.vocab * 4
+    logits = min(tokens, CHUNK_TOKENS if setup.chunked_loss else tokens) * s.vocab * 4
     gathered = 0
     # one layer's sharded parameters gathered in 16 bits (a LoRA base is not sharded)
     if full and setup.zero >= 3 and gpus > 1:
         gathered = max(n.per_layer) * 2
     transient = [_backward_transient(s, i, setup, tokens) + gathered for i in range(s.layers)]
     recompute = [saved[i] if setup.checkpointing == "full" else 0 for i in range(s.layers)]
-    g_head = grads_of(s.vocab * s.hidden * (0 if s.tied else 1) + s.hidden)
-    acts = sum(kept) + sum(copies) + head_copy + final
-    top, bottom = s.layers - 1, 0
+    # what forward leaves for backward: on the device, or (offloaded) on the host, one layer's brought back
+    left = sum(kept) + sum(copies) + head_copy + final
+    host_activations = left if setup.offload_activations else 0
+    acts = 0 if setup.offload_activations else left
+    here = [kept[i] + copies[i] if setup.offload_activations else 0 for i in range(s.layers)]
+    g_head = grads(head + [s.hidden])
     phases = [
-        _Phase("loss backward", 0, acts + 3 * logits + gathered),
+        _Phase("loss backward", g_head if setup.chunked_loss else 0, acts + 3 * logits + gathered),
         _Phase("lm_head backward", g_head, acts + logits + (logits // 2 if t.compute == 2 else 0) + gathered),
-        _Phase("top layer backward", g_head, acts - final - head_copy + recompute[top] + transient[top]),
-        _Phase("bottom layer backward", g_head + sum(layer_grads(i) for i in range(1, s.layers)),
+        _Phase("top layer backward", grads(head + [s.hidden] + (layer_params(top) if one_at_a_time else [])),
+               (acts - final - head_copy) + here[top] + recompute[top] + transient[top]),
+        _Phase("bottom layer backward",
+               grads(head + [s.hidden] + [x for i in range(1, s.layers) for x in layer_params(i)]
+                     + (layer_params(bottom) if one_at_a_time else [])),
                kept[bottom] + copies[bottom] + recompute[bottom] + transient[bottom]),
-        _Phase("embedding backward", grad_total, tokens * s.hidden * t.residual + gathered),
+        _Phase("embedding backward", grads([s.vocab * s.hidden] if full else []) if one_at_a_time else grad_total,
+               tokens * s.hidden * t.residual + gathered),
     ]
+    if setup.chunked_loss:  # the lm_head's backward runs inside each chunk's, in "loss backward"
+        phases.pop(1)
     peak = max(phases, key=lambda p: p.gradients + p.activations)
-    parts = {"weights": weights, "gradients": peak.gradients, "optimizer": optimizer,
+    parts = {"weights": weights, "gradients": peak.gradients, "optimizer": 0 if setup.offload_optimizer else optimizer,
              "activations": peak.activations, "kv_cache": 0}
     parts["total"] = sum(parts.values())
+    host = {"weights": trainable * 4 if setup.offload_optimizer else 0,
+            "gradients": trainable * 4 if setup.offload_optimizer else 0,
+            "optimizer": trainable * 8 if setup.offload_optimizer else 0, "activations": host_activations}
+    host["total"] = sum(host.values())
     return Estimate(model=name, setup=setup, parameters=n.total, active_parameters=n.active,
-                    trainable_parameters=trainable, bytes=parts, peak_phase=peak.name)
+                    trainable_parameters=trainable, bytes=parts, peak_phase=peak.name, host_bytes=host)
 
 
 def _backward_transient(s: Shape, layer: int, setup: Setup, tokens: int) -> int:
