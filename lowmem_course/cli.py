@@ -14,6 +14,8 @@ the modes tried), the run's shape and the budget per GPU in GiB (``--gpu NAME`` 
 commands share their defaults (batch 1, ``DEFAULT_SEQ`` tokens, 1 GPU, CUDA kernels). When nothing of a
 job fits, ``plan`` says how far off the leanest recipe is, what the weights alone need, the fewest
 GPUs of that size that fit, and the longest context and largest batch that fit (``estimate.shortfall``).
+Offloading recipes keep bytes in host memory: both commands show them; ``plan --cpu-memory 64GiB``
+offers only recipes whose host bytes fit it (without it, host bytes are shown and not limited).
 
 A recipe (``lowmem_course.recipe``) names every memory choice of a run; ``plan`` prints recipes
 with the command that runs each, ``estimate --recipe`` and ``train --recipe`` read them.
@@ -45,6 +47,7 @@ HEADINGS = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "a
             "kv_cache": "kv", "total": "total"}
 # what ``lowmem estimate`` assumes without --recipe (fp16-mixed on a card without bf16)
 DEFAULT_RECIPE = "full+bf16-mixed"
+SHOWN = 10  # setups ``plan`` lists per job unless --all
 MODE_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "inference": "inference"}
 FORWARDED_HELP = {  # subcommands with their own parser: `lowmem train --help` shows theirs
     "train": "train with a recipe (e.g. qlora+bf16-mixed+checkpointing, as lowmem plan prints), resumable",
@@ -55,6 +58,7 @@ EXAMPLES = f"""examples:
   lowmem plan r1-distill-llama-70b --gpu h100-80gb --gpus 2 --seq 32768 --mode inference
   lowmem plan r1 --gpu h100-80gb --gpus 2 --mode inference                   # how many GPUs would do?
   lowmem estimate r1-distill-qwen-7b --recipe qlora+bf16-mixed+checkpointing --gpu-memory 24GiB
+  lowmem plan r1-distill-llama-8b --gpu rtx-4090 --batch 2 --seq 2048 --mode full --cpu-memory 128GiB
   lowmem gpus                                                                # the cards --gpu knows
 
 models: {", ".join(family.MEMBERS)} (or a Hub id, a config.json, a model directory)
@@ -78,6 +82,13 @@ class Budget:
 def _memory(text: str) -> Budget:
     try:
         return Budget(parse_bytes(text), describe_bytes(text) + " per GPU")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _host_memory(text: str) -> Budget:
+    try:
+        return Budget(parse_bytes(text), describe_bytes(text) + " of host memory")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -121,6 +132,9 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
                         help="memory per GPU with its unit: 24GiB (= 24G), 24GB (decimal), 24000MiB")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     if plan:
+        p.add_argument("--cpu-memory", type=_host_memory, default=None,
+                       help="host memory (RAM) offloading may use, e.g. 64GiB (default: shown, not limited)")
+        p.add_argument("--all", action="store_true", help=f"list every setup that fits (default: the first {SHOWN})")
         p.add_argument("--mode", choices=est.MODES, default=None,
                        help="only recipes of this mode (default: training and inference, each under its heading)")
         p.add_argument("--precisions", type=_precisions, default=None,
@@ -182,6 +196,9 @@ def format_estimate(e: est.Estimate, budget: Budget | None = None, default_recip
             f"{'component':<12} {'GiB/GPU':>9}"]
     rows += [f"{k:<12} {_gib(e.bytes[k])}" for k in COLUMNS[job]]
     rows.append(f"(peak during {e.peak_phase})")
+    if e.host_bytes["total"]:
+        parts = ", ".join(f"{k} {e.host_bytes[k] / GiB:.2f}" for k in est.HOST_PARTS[:-1] if e.host_bytes[k])
+        rows.append(f"host memory (offloaded): {e.host_bytes['total'] / GiB:.2f} GiB ({parts} GiB)")
     if budget:
         spare = budget.bytes - e.bytes["total"]
         rows.append(f"fits: {spare / GiB:.2f} GiB to spare" if spare >= 0
@@ -215,11 +232,15 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _table(job: str, options: list[est.PlanOption], model: str) -> list[str]:
-    """The rows of one job's plan: recipe, cost and its components in GiB, each with its command."""
+    """The rows of one job's plan: cost, GiB per GPU by component (host GiB when any recipe offloads)
+    and the recipe, each with its command."""
     columns = COLUMNS[job]
-    rows = [f"{'recipe':<44} {'cost':>5} " + " ".join(f"{HEADINGS[k]:>8}" for k in columns)]
+    host = any(o.estimate.host_bytes["total"] for o in options)
+    rows = [f"{'cost':>5} " + " ".join(f"{HEADINGS[k]:>7}" for k in columns) + (f" {'host':>7}" if host else "")
+            + "  recipe"]
     for o in options:
-        rows.append(f"{o.recipe:<44} {o.cost:5.2f} " + " ".join(f"{o.estimate.bytes[k] / GiB:8.2f}" for k in columns))
+        rows.append(f"{o.cost:5.2f} " + " ".join(f"{o.estimate.bytes[k] / GiB:7.2f}" for k in columns)
+                    + (f" {o.estimate.host_bytes['total'] / GiB:7.2f}" if host else "") + f"  {o.recipe}")
         rows.append(f"    {printable(o.command(model))}")
     return rows
 
@@ -229,7 +250,7 @@ def _advice(short: est.Shortfall, model: str, args: argparse.Namespace, budget: 
     lean, n_gpus = short.leanest, args.gpus or 1
     per_gpu = f"{budget.bytes / GiB:.2f} GiB"
     rows = [f"  the leanest recipe, {lean.recipe}, needs {lean.estimate.bytes['total'] / GiB:.2f} GiB per GPU: "
-            f"{short.over / GiB:.2f} GiB over {per_gpu}"]
+            f"{short.over / GiB:.2f} GiB over {per_gpu}"] if short.over > 0 else []
     weights_over = short.weights > budget.bytes
     rows.append(f"  its weights alone need {short.weights / GiB:.2f} GiB per GPU"
                 + (": no shorter context or smaller batch can help" if weights_over else ""))
@@ -251,6 +272,11 @@ def _advice(short: est.Shortfall, model: str, args: argparse.Namespace, budget: 
         rows.append(f"  no context fits on {n_gpus} GPU{'s' if n_gpus > 1 else ''} at batch {args.batch}")
     if short.batch:
         rows.append(f"  the largest batch that fits at seq {args.seq:,}: {short.batch}")
+    if short.host_short:
+        o = short.host_short
+        rows.append(f"  {o.recipe} fits the GPU ({o.estimate.bytes['total'] / GiB:.2f} GiB) but keeps "
+                    f"{o.estimate.host_bytes['total'] / GiB:.2f} GiB in host memory, over --cpu-memory "
+                    f"{args.cpu_memory.bytes / GiB:.2f} GiB")
     return rows
 
 
@@ -260,21 +286,24 @@ def _plan(args: argparse.Namespace) -> int:
     _no_bf16(budget, precisions)
     fields = est.load_config(args.model)
     n_gpus = args.gpus or 1
+    host: Budget | None = args.cpu_memory
+    cpu = host.bytes if host else None
     options = est.plan(fields, budget.bytes, mode=args.mode, batch=args.batch, seq=args.seq, gpus=n_gpus,
-                       precisions=precisions, device=args.device)
+                       precisions=precisions, device=args.device, cpu_memory=cpu)
     jobs = [est.job_of(args.mode)] if args.mode else list(est.JOBS)
     by_job = {job: [o for o in options if est.job_of(o.estimate.setup.mode) == job] for job in jobs}
     short = {job: est.shortfall(fields, budget.bytes, job, mode=args.mode, batch=args.batch, seq=args.seq,
-                                gpus=n_gpus, precisions=precisions, device=args.device)
+                                gpus=n_gpus, precisions=precisions, device=args.device, cpu_memory=cpu)
              for job in jobs if not by_job[job]}
     what = MODE_NAMES[args.mode] if args.mode else "training and inference"
     first = (f"{what[0].upper()}{what[1:]} of {printable(fields.get('name_or_path'))}, "
-             f"{_shape(args.batch, args.seq, n_gpus, budget)}; budget: {budget.said}")
+             f"{_shape(args.batch, args.seq, n_gpus, budget)}; budget: {budget.said}"
+             + (f", {host.said}" if host else ""))
     if args.json:
         print(json.dumps({"job": {"jobs": jobs, "mode": args.mode, "model": fields.get("name_or_path"),
                                   "batch": args.batch, "seq": args.seq, "gpus": n_gpus, "device": args.device,
                                   "precisions": list(precisions), "said": first},
-                          "budget": budget.to_dict(),
+                          "budget": budget.to_dict(), "cpu_memory": host.to_dict() if host else None,
                           "fits": [{"job": est.job_of(o.estimate.setup.mode), **o.to_dict(),
                                     "command": o.command(args.model)} for o in options],
                           "nothing_fits": {job: s.to_dict(args.model) for job, s in short.items()}}))
@@ -292,7 +321,10 @@ def _plan(args: argparse.Namespace) -> int:
               f"(cost relative to {est.COST_BASELINE[job]}; GiB per GPU)"
               + ("; each command re-checks its estimate, a serving command comes in a later release"
                  if job == "inference" else ""))
-        print("\n".join(_table(job, fits, args.model)))
+        shown = fits if args.all else fits[:SHOWN]
+        print("\n".join(_table(job, shown, args.model)))
+        if len(shown) < len(fits):
+            print(f"... and {len(fits) - len(shown)} more that fit (--all lists them)")
     return 0 if options else 1
 
 

@@ -42,9 +42,11 @@ def test_with_bf16_the_training_plan_is_the_stock_plan_minus_inference():
 
 
 @pytest.mark.parametrize("budget, recipe, train_recipe", [
-    (T4, "lora+fp16-mixed", "lora+fp16-mixed"),
-    (SEVEN, "lora+bf16-mixed+checkpointing", "lora+bf16-mixed+checkpointing"),
-    (SEVENTY, "qlora+bf16-mixed+checkpointing", "qlora+bf16-mixed+checkpointing"),
+    (T4, "lora+fp16-mixed+chunked-loss", "lora+fp16-mixed+chunked-loss"),
+    (SEVEN, "lora+bf16-mixed+checkpointing+offload-activations+chunked-loss",
+     "lora+bf16-mixed+checkpointing+offload-activations+chunked-loss"),
+    (SEVENTY, "qlora+bf16-mixed+checkpointing+offload-activations+chunked-loss+step-in-backward",
+     "qlora+bf16-mixed+checkpointing+offload-activations+chunked-loss+step-in-backward"),
     (R1, "inference+bf16+nf4-dq+experts+tp8", None),
 ])
 def test_the_four_budgets_get_their_recipes(budget, recipe, train_recipe):

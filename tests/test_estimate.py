@@ -5,6 +5,7 @@ R1-Distill-Qwen-1.5B under FakeTensorMode (``measure.simulate`` and a LoRA step 
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lowmem_course import family, measure, steps, validate
 from lowmem_course.estimate import (
     ARCHITECTURES,
     Setup,
+    cost,
     count,
     estimate,
     job_of,
@@ -26,6 +28,8 @@ from lowmem_course.estimate import (
     recipe_of,
     setup_of,
     shape_of,
+    shortfall,
+    variants,
 )
 from lowmem_course.units import GiB, MiB
 
@@ -286,7 +290,7 @@ def test_plan_tries_only_the_precisions_it_is_given():
     t4 = plan(QWEN, 15 * GiB, seq=1024, precisions=("fp16-mixed", "fp32"))
     assert {o.estimate.setup.precision for o in t4 if o.estimate.setup.mode != "inference"} == {"fp16-mixed", "fp32"}
     assert {o.estimate.setup.precision for o in t4 if o.estimate.setup.mode == "inference"} == {"fp16", "fp32"}
-    assert any(o.recipe == "lora+fp16-mixed" for o in t4)
+    assert any(o.recipe == "lora+fp16-mixed+chunked-loss" for o in t4)
     assert {o.estimate.setup.precision for o in plan(QWEN, 15 * GiB)} == {"bf16-mixed", "bf16"}  # the default
     with pytest.raises(ValueError, match="precisions must be among"):
         plan(QWEN, 15 * GiB, precisions=("fp8",))
@@ -354,3 +358,70 @@ def test_4bit_experts_match_measurement_on_the_tiny_r1(tmp_path):
     predicted, measured = validate.predicted_components(e), validate.measured_components(m)
     assert abs(predicted["total"] / measured["total"] - 1) <= 0.05, (predicted, measured)
     assert abs(predicted["weights"] / measured["weights"] - 1) <= 0.02, (predicted, measured)
+
+
+# ---- the one-GPU techniques (issue 20) -------------------------------------------------------
+
+LLAMA8 = "r1-distill-llama-8b"  # the Llama-3.1-8B shape of torchtune's memory table
+
+
+def test_each_technique_lowers_the_device_peak_and_offloading_says_what_the_host_holds():
+    lora = Setup(mode="lora", precision="bf16-mixed", batch=2, seq=2048, checkpointing="full")
+    chunked = estimate(LLAMA8, replace(lora, chunked_loss=True))
+    assert chunked.bytes["activations"] < estimate(LLAMA8, lora).bytes["activations"]
+    offloaded = estimate(LLAMA8, replace(lora, chunked_loss=True, offload_activations=True))
+    inputs = 32 * 2 * 2048 * 4096 * 2  # the checkpointed layers' bf16 inputs
+    assert offloaded.bytes["total"] < chunked.bytes["total"]
+    assert inputs < offloaded.host_bytes["activations"] < inputs * 1.15  # and the final norm's saved tensors
+    base = Setup(mode="full", precision="bf16", batch=2, seq=2048, checkpointing="full")
+    plain = estimate(LLAMA8, base)
+    assert plain.host_bytes["total"] == 0
+    in_backward = estimate(LLAMA8, replace(base, step_in_backward=True))
+    largest = 128_256 * 4096 * 2  # one gradient alive: the embedding's, in bf16
+    assert in_backward.bytes["gradients"] <= largest < plain.bytes["gradients"]
+    assert in_backward.bytes["total"] < plain.bytes["total"]
+    host = estimate(LLAMA8, replace(base, offload_optimizer=True))
+    n = host.trainable_parameters
+    assert host.bytes["optimizer"] == 0 and host.host_bytes["optimizer"] == 8 * n
+    assert host.host_bytes["total"] == 16 * n  # fp32 copy, fp32 gradient, two fp32 moments per parameter
+
+
+def test_a_micro_batch_holds_the_steps_gradients_and_must_divide_the_batch():
+    lora = Setup(mode="lora", precision="bf16-mixed", batch=4, seq=512)
+    micro = estimate(LLAMA8, replace(lora, accumulate=4))
+    assert micro.bytes["gradients"] == model_states(LLAMA8, lora).gradients
+    assert micro.bytes["activations"] < estimate(LLAMA8, lora).bytes["activations"]
+    with pytest.raises(ValueError, match="must divide the batch"):
+        Setup(batch=3, accumulate=2)
+    with pytest.raises(ValueError, match="applies to training"):
+        Setup(mode="inference", chunked_loss=True)
+
+
+def test_variants_run_together_only_what_a_recipe_can_and_come_cheapest_first():
+    base = Setup(mode="full", precision="bf16-mixed", batch=4, seq=1024)
+    found = variants(base)
+    assert all(not (v.step_in_backward and v.accumulate > 1) for v in found)
+    assert all(not v.offload_activations for v in found)  # offloading goes with checkpointing
+    assert {v.accumulate for v in found} == {1, 2, 4}
+    assert [cost(v) for v in found] == sorted(cost(v) for v in found)
+    assert found[0] == base
+    assert any(v.offload_activations for v in variants(replace(base, checkpointing="full")))
+    assert variants(Setup(mode="inference")) == [Setup(mode="inference")]
+
+
+@pytest.mark.parametrize("mode, published", [("full", 18.9), ("qlora", 7.4)])
+def test_plans_for_torchtunes_8b_jobs_are_at_or_below_its_published_peaks(mode, published):
+    """torchtune's README memory table (Llama 3.1 8B, batch 2, packed sequences of 2048 tokens, one
+    RTX 4090): full fine-tuning 18.9 GiB, QLoRA 7.4 GiB. The plan's leanest row is at or below."""
+    options = plan(LLAMA8, 23 * GiB, mode=mode, batch=2, seq=2048)
+    assert options and min(o.estimate.bytes["total"] for o in options) <= published * GiB
+
+
+def test_a_host_budget_keeps_out_what_it_cannot_hold():
+    unlimited = plan(LLAMA8, 23 * GiB, mode="full", batch=2, seq=2048)
+    assert unlimited and all(o.estimate.setup.offload_optimizer for o in unlimited)
+    assert plan(LLAMA8, 23 * GiB, mode="full", batch=2, seq=2048, cpu_memory=64 * GiB) == []
+    short = shortfall(LLAMA8, 23 * GiB, "training", mode="full", batch=2, seq=2048, cpu_memory=64 * GiB)
+    assert short.host_short is not None and short.host_short.estimate.host_bytes["total"] > 64 * GiB
+    roomy = plan(LLAMA8, 23 * GiB, mode="full", batch=2, seq=2048, cpu_memory=256 * GiB)
+    assert [o.recipe for o in roomy] == [o.recipe for o in unlimited]

@@ -437,7 +437,7 @@ def model_states(model: str | Path | Any, setup: Setup) -> ModelStates:
     return _model_states(s, count(s), setup)
 
 
-CHUNK_TOKENS = 1024  # tokens per chunk of the chunked loss (``steps``' chunk size)
+CHUNK_TOKENS = 512  # tokens per chunk of the chunked loss (= ``steps.CHUNK_TOKENS``; a test checks it)
 
 
 def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
@@ -516,7 +516,7 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     here = [kept[i] + copies[i] if setup.offload_activations else 0 for i in range(s.layers)]
     g_head = grads(head + [s.hidden])
     phases = [
-        _Phase("loss backward", g_head if setup.chunked_loss else 0, acts + 3 * logits + gathered),
+        _Phase("loss backward", g_head if setup.chunked_loss else grads([]), acts + 3 * logits + gathered),
         _Phase("lm_head backward", g_head, acts + logits + (logits // 2 if t.compute == 2 else 0) + gathered),
         _Phase("top layer backward", grads(head + [s.hidden] + (layer_params(top) if one_at_a_time else [])),
                (acts - final - head_copy) + here[top] + recompute[top] + transient[top]),

@@ -4,7 +4,7 @@ nothing fits, how far off the leanest recipe is and what would fit instead (``sh
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,22 @@ from lowmem_course.estimate.memory import (
     estimate,
     recipe_of,
 )
-from lowmem_course.recipe import base_weights
+from lowmem_course.recipe import RecipeError, base_weights
 
 # Compute cost of each technique, rough published-order-of-magnitude factors used to rank, not to
 # predict time. Training relative to bf16 full fine-tuning (forward + backward = 6 x params x tokens),
 # inference relative to serving the bf16 model from one GPU: the two are never ranked together.
 COST = {"full": 1.0, "lora": 0.7, "qlora": 0.85, "inference": 1.0, "checkpointing": 1.33, "fp32": 2.0,
-        "zero": 1.1, "tensor": 1.1}
+        "zero": 1.1, "tensor": 1.1, "offload_optimizer": 1.2, "accumulate": 1.02}
+# The chunked loss, activation offloading and the step in backward cost about nothing: torchtune's README
+# ("Optimization flags", Llama 3.2 3B on an A100) measured 8998 -> 9174 tokens/s adding the chunked loss,
+# 7210 -> 7309 fusing the step into backward, 7309 -> 7301 offloading activations. AdamW on the host:
+# torchao's CPUOffloadOptimizer benchmark, 1.27 -> 1.52 s per step (x 1.2). Micro-batches: smaller matmuls
+# (a tie-breaker, not measured here).
+TECHNIQUES: tuple[tuple[str, ...], ...] = (
+    (), ("chunked_loss",), ("chunked_loss", "offload_activations"), ("chunked_loss", "step_in_backward"),
+    ("chunked_loss", "offload_activations", "step_in_backward"), ("chunked_loss", "offload_optimizer"),
+    ("chunked_loss", "offload_activations", "offload_optimizer"))  # the sets ``variants`` tries on a training setup
 COST_BASELINE = {"training": "bf16 full fine-tuning", "inference": "serving bf16 weights from one GPU"}
 DEFAULT_PRECISIONS = ("bf16-mixed", "bf16")  # what ``plan`` tries unless told: GPUs with bf16
 DEFAULT_SEQ = 4096  # tokens per sequence unless told: room for a reasoning model's thinking
@@ -54,7 +63,7 @@ class PlanOption:
         name = shlex.quote(str(model))
         rank = f" --lora-rank {s.lora_rank}" if s.mode in ("lora", "qlora") and s.lora_rank != 16 else ""
         if s.mode != "inference" and not s.zero:
-            run = f"runs/{Path(str(model)).name.lower()}-{self.recipe.replace('+', '-')}"
+            run = f"runs/{Path(str(model)).name.lower()}-{s.mode}"
             return (f"lowmem train --model {name} --recipe {self.recipe} --data {shlex.quote(data)} "
                     f"--out {shlex.quote(run)} --batch {s.batch} --max-tokens {s.seq}{rank}")
         gpus = f" --gpus {s.gpus}" if s.zero else ""
@@ -78,7 +87,38 @@ def cost(setup: Setup) -> float:
         cost *= COST["zero"]
     if setup.parallel == "tensor":
         cost *= COST["tensor"]
+    if setup.mode != "inference" and setup.offload_optimizer:
+        cost *= COST["offload_optimizer"]
+    if setup.mode != "inference" and setup.accumulate > 1:
+        cost *= COST["accumulate"]
     return cost
+
+
+def _techniques(setup: Setup) -> int:
+    return sum(getattr(setup, t) for t in ("chunked_loss", "offload_activations", "step_in_backward",
+                                           "offload_optimizer"))
+
+
+def variants(base: Setup) -> list[Setup]:
+    """``base`` (a training setup) with each set of ``TECHNIQUES`` and each split of its batch into
+    micro-batches (1, 2, 4, ... sequences, and the batch) that a recipe can run; cheapest first, then
+    fewest techniques, then fewest micro-batches. Activations are offloaded only with checkpointing
+    (the layers' inputs, Unsloth's offloaded checkpointing), as torchtune allows. Inference: ``[base]``."""
+    if base.mode == "inference":
+        return [base]
+    splits = sorted({base.batch // m for m in (2**k for k in range(base.batch.bit_length())) if base.batch % m == 0})
+    out = []
+    for techniques in TECHNIQUES:
+        if "offload_activations" in techniques and base.checkpointing == "none":
+            continue  # every activation would cross PCIe each step; torchtune refuses it too
+        for accumulate in splits:
+            setup = replace(base, accumulate=accumulate, **dict.fromkeys(techniques, True))
+            try:
+                recipe_of(setup)  # the recipe's rules: what can run together
+            except RecipeError:
+                continue
+            out.append(setup)
+    return sorted(out, key=lambda v: (cost(v), _techniques(v), v.accumulate))
 
 
 def check_precisions(precisions: Any) -> tuple[str, ...]:
@@ -120,23 +160,57 @@ def candidates(mode: str | None, batch: int, seq: int, gpus: int, precisions: An
 
 
 def plan(model: str | Path | Any, gpu_memory: int, mode: str | None = None, batch: int = 1, seq: int = DEFAULT_SEQ,
-         gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS, device: str = "cuda") -> list[PlanOption]:
-    """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes: training first, then
-    inference, each cheapest compute first (ties: least memory first). ``precisions`` restricts the
-    precisions tried (a T4 has no bf16: ``("fp16-mixed", "fp32")``); ``device`` picks the attention
-    kernels (``Setup.device``); ``candidates`` lists what is tried."""
+         gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS, device: str = "cuda",
+         cpu_memory: int | None = None) -> list[PlanOption]:
+    """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes (and whose host bytes fit
+    ``cpu_memory``, when given): training first, then inference, each cheapest compute first (ties:
+    least memory first). Each training setup of ``candidates`` comes with the cheapest of its
+    ``variants`` that fits (the techniques it needs, and the micro-batch; ``_first_fit``).
+    ``precisions`` restricts the precisions tried (a T4 has no bf16: ``("fp16-mixed", "fp32")``); ``device`` picks the
+    attention kernels (``Setup.device``)."""
     fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
-    fits = [o for o in _options(fields, mode, batch, seq, gpus, precisions, device)
-            if o.estimate.bytes["total"] <= gpu_memory]
+    fits = []
+    for base in candidates(mode, batch, seq, gpus, precisions, shape_of(fields).experts > 0, device):
+        option = _first_fit(fields, variants(base), gpu_memory, cpu_memory)
+        if option:
+            fits.append(option)
     return sorted(fits, key=lambda o: (job_of(o.estimate.setup.mode) != "training", o.cost, o.estimate.bytes["total"]))
+
+
+def _option(fields: dict[str, Any], setup: Setup) -> PlanOption:
+    return PlanOption(estimate=estimate(fields, setup), recipe=str(recipe_of(setup)), cost=cost(setup))
+
+
+def _fits(o: PlanOption, gpu_memory: int, cpu_memory: int | None) -> bool:
+    return o.estimate.bytes["total"] <= gpu_memory and (cpu_memory is None
+                                                         or o.estimate.host_bytes["total"] <= cpu_memory)
+
+
+WORTH = 0.01  # a technique that costs nothing is added when it saves at least this fraction of the peak
+
+
+def _first_fit(fields: dict[str, Any], setups: list[Setup], gpu_memory: int,
+               cpu_memory: int | None) -> PlanOption | None:
+    """Of ``setups`` (cheapest first, then fewest techniques), the first that fits both budgets, or
+    a later one of the same cost that needs ``WORTH`` less memory: techniques that cost nothing (the
+    chunked loss, say) are taken whenever they save memory. None when nothing fits."""
+    best = None
+    for setup in setups:
+        option = _option(fields, setup)
+        if best and option.cost > best.cost:
+            break
+        if _fits(option, gpu_memory, cpu_memory) and (
+                best is None or option.estimate.bytes["total"] < (1 - WORTH) * best.estimate.bytes["total"]):
+            best = option
+    return best
 
 
 def _options(fields: dict[str, Any], mode: str | None, batch: int, seq: int, gpus: int, precisions: Any,
              device: str) -> list[PlanOption]:
-    """Every candidate setup (``candidates``) with its estimate, fitting or not."""
+    """Every candidate setup with every variant (``variants``) and its estimate, fitting or not."""
     moe = shape_of(fields).experts > 0
-    return [PlanOption(estimate=estimate(fields, setup), recipe=str(recipe_of(setup)), cost=cost(setup))
-            for setup in candidates(mode, batch, seq, gpus, precisions, moe, device)]
+    return [_option(fields, v) for base in candidates(mode, batch, seq, gpus, precisions, moe, device)
+            for v in variants(base)]
 
 
 @dataclass(frozen=True)
@@ -151,6 +225,8 @@ class Shortfall:
     per GPU here) or when even 1024 are not enough. ``seq``: the longest context that fits on the
     GPUs asked for at the asked batch (``at_seq`` the cheapest option there), ``batch`` the largest
     batch that fits at the asked context; None when not even 1 fits (or the batch asked was 1).
+    ``host_short``: with a host budget, the cheapest option that fits the GPU but needs more host
+    memory than that budget (None when there is none, or no host budget).
     """
 
     job: str
@@ -161,6 +237,7 @@ class Shortfall:
     seq: int | None
     at_seq: PlanOption | None
     batch: int | None
+    host_short: PlanOption | None = None
 
     @property
     def over(self) -> int:
@@ -176,15 +253,16 @@ class Shortfall:
         """JSON-ready: every number in bytes, tokens, sequences or GPUs, with the commands that fit."""
         def option(o: PlanOption | None) -> dict[str, Any] | None:
             return None if o is None else {"recipe": o.recipe, "total": o.estimate.bytes["total"],
-                                           "command": o.command(model)}
+                                           "host": o.estimate.host_bytes["total"], "command": o.command(model)}
 
         return {"job": self.job, "leanest": option(self.leanest), "over": self.over, "weights": self.weights,
                 "fewest_gpus": self.gpus, "at_fewest_gpus": option(self.at_gpus),
-                "longest_seq": self.seq, "at_longest_seq": option(self.at_seq), "largest_batch": self.batch}
+                "longest_seq": self.seq, "at_longest_seq": option(self.at_seq), "largest_batch": self.batch,
+                "over_host_memory": option(self.host_short)}
 
 
-def _cheapest_fit(options: list[PlanOption], budget: int) -> PlanOption | None:
-    fits = [o for o in options if o.estimate.bytes["total"] <= budget]
+def _cheapest_fit(options: list[PlanOption], budget: int, cpu_memory: int | None = None) -> PlanOption | None:
+    fits = [o for o in options if _fits(o, budget, cpu_memory)]
     return min(fits, key=lambda o: (o.cost, o.estimate.bytes["total"]), default=None)
 
 
@@ -200,7 +278,7 @@ def _largest(fits: Any, low: int, high: int) -> int | None:
 
 def shortfall(model: str | Path | Any, gpu_memory: int, job: str, mode: str | None = None, batch: int = 1,
               seq: int = DEFAULT_SEQ, gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS,
-              device: str = "cuda") -> Shortfall:
+              device: str = "cuda", cpu_memory: int | None = None) -> Shortfall:
     """What to say when nothing of ``job`` ("training" or "inference"; only ``mode`` when given)
     fits ``gpu_memory`` bytes per GPU at ``batch`` x ``seq`` on ``gpus`` GPUs (see ``Shortfall``).
 
@@ -214,18 +292,20 @@ def shortfall(model: str | Path | Any, gpu_memory: int, job: str, mode: str | No
         return [o for m in modes for o in _options(fields, m, b, s, n, precisions, device)]
 
     def fits(b: int, s: int) -> bool:
-        return _cheapest_fit(options(b, s, gpus), gpu_memory) is not None
+        return _cheapest_fit(options(b, s, gpus), gpu_memory, cpu_memory) is not None
 
-    leanest = min(options(batch, seq, gpus), key=lambda o: o.estimate.bytes["total"])
+    asked = options(batch, seq, gpus)
+    leanest = min(asked, key=lambda o: o.estimate.bytes["total"])
+    host_short = None if cpu_memory is None else _cheapest_fit(asked, gpu_memory)
     at_gpus, fewest = None, None
     if "full" in modes or "inference" in modes:  # ZeRO and tensor parallelism divide the model
         for n in (c for c in GPU_COUNTS if c > gpus):
-            at_gpus = _cheapest_fit(options(batch, seq, n), gpu_memory)
+            at_gpus = _cheapest_fit(options(batch, seq, n), gpu_memory, cpu_memory)
             if at_gpus:
                 fewest = n
                 break
     longest = _largest(lambda s: fits(batch, s), 1, seq - 1)
     largest = _largest(lambda b: fits(b, seq), 1, batch - 1)
-    at_seq = _cheapest_fit(options(batch, longest, gpus), gpu_memory) if longest else None
+    at_seq = _cheapest_fit(options(batch, longest, gpus), gpu_memory, cpu_memory) if longest else None
     return Shortfall(job=job, budget=gpu_memory, leanest=leanest, gpus=fewest, at_gpus=at_gpus, seq=longest,
-                     at_seq=at_seq, batch=largest)
+                     at_seq=at_seq, batch=largest, host_short=host_short)
