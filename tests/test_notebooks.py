@@ -28,6 +28,11 @@ FROZEN_BAR = re.compile(r"(?<![0-9])0%\|")  # tqdm's "  0%|          | 0/15", no
 WIDGET = "application/vnd.jupyter.widget-view+json"
 EXERCISE = re.compile(r"^\d+\. ", re.MULTILINE)  # "1. *(easy)* ..." in an Exercises section
 SOLVED = re.compile(r"^## Exercise (\d+)\b", re.MULTILINE)  # one heading per solved exercise
+# JupyterLab soft-wraps a long output line: prose wraps at a space harmlessly, but a table's row
+# wraps mid-column and its columns collide. A line that aligns columns (two or more spaces between
+# words) stays this narrow; prose may run longer.
+ALIGNED = re.compile(r"\S {2,}\S")
+ALIGNED_WIDTH = 100
 
 
 def _rebuild_hint(source: Path) -> str:
@@ -91,6 +96,9 @@ def stored_noise(notebook: nbformat.NotebookNode) -> list[str]:
                 found.append(f"cell {n}: a widget, stored as {text[:60]!r}")
             elif FROZEN_BAR.search(text):
                 found.append(f"cell {n}: a bar frozen at 0%: {text[:60]!r}")
+            else:
+                found += [f"cell {n}: an aligned line of {len(line)} > {ALIGNED_WIDTH} characters: {line[:60]!r}"
+                          for line in text.splitlines() if len(line) > ALIGNED_WIDTH and ALIGNED.search(line)]
     return found
 
 
@@ -98,7 +106,8 @@ def stored_noise(notebook: nbformat.NotebookNode) -> list[str]:
                          ids=lambda p: f"{p.parent.name}/{p.stem}" if p.parent.name == "solutions" else p.stem)
 def test_stored_outputs_hold_no_stderr_widget_or_frozen_bar(source):
     found = stored_noise(nbformat.read(target_of(source), as_version=4))
-    assert not found, "\n".join(found) + "\n(progress bars: lab.progress; warnings: lab.quiet_libraries)"
+    assert not found, "\n".join(found) + ("\n(progress bars: lab.progress; warnings: lab.quiet_libraries; "
+                                         f"tables: at most {ALIGNED_WIDTH} characters a line)")
 
 
 def test_stored_noise_is_found():
@@ -109,6 +118,17 @@ def test_stored_noise_is_found():
                             nbformat.v4.new_output("stream", name="stdout", text="done: 100%|####| 3/3")]
     reasons = [f.split(": ", 1)[1] for f in stored_noise(bad)]  # the finished bar is fine
     assert [r.split(" ", 2)[:2] for r in reasons] == [["stderr", "'pip"], ["a", "widget,"], ["a", "bar"]]
+
+
+def test_stored_table_lines_wider_than_the_limit_are_found():
+    row = "model" + " " * (ALIGNED_WIDTH - 10) + "12.34"  # a table row as wide as allowed
+    prose = " ".join(["a prose line wraps at its spaces"] * 5)
+    assert len(row) == ALIGNED_WIDTH and len(prose) > ALIGNED_WIDTH
+    table = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    table.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"{row}\n{prose}\n"),
+                              nbformat.v4.new_output("execute_result", data={"text/plain": row + "6"}),
+                              nbformat.v4.new_output("stream", name="stdout", text=f"{row}7\n")]
+    assert [f.split(": ")[1] for f in stored_noise(table)] == ["an aligned line of 101 > 100 characters"] * 2
 
 
 def test_markdown_parsing_keeps_blank_lines_and_strips_the_comment_marks():

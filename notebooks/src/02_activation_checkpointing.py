@@ -116,11 +116,11 @@ for policy in POLICIES:
 # compare everything but the weights' optimizer):
 
 # %%
+print(f"{'checkpointing':<14}{'measured peak':>14}{'activations':>14}{'estimator without optimizer':>29}")
 for c, m in step_peak.items():
     e = predicted[c].bytes
-    print(f"checkpointing={c:<5} measured peak {format_bytes(m.peak_bytes):>10} "
-          f"(activations {format_bytes(m.breakdown['activations'])}); estimator without optimizer "
-          f"{format_bytes(e['total'] - e['optimizer']):>10}")
+    print(f"{c:<14}{format_bytes(m.peak_bytes):>14}{format_bytes(m.breakdown['activations']):>14}"
+          f"{format_bytes(e['total'] - e['optimizer']):>29}")
 
 # %%
 plots.breakdown_bars({f"{c} (measured)": m.breakdown for c, m in step_peak.items()},

@@ -209,13 +209,16 @@ for label, (model, opt) in runs.items():
     s = quantize.storage_breakdown(model)
     extra = s.constants + s.tables if s.quantized_weights else 0
     step_memory[label] = m.breakdown | {"parameters": m.breakdown["parameters"] + extra}
-for label, b in step_memory.items():
-    print(f"{label:<17} {format_bytes(sum(b.values())):>10}  "
-          + "  ".join(f"{k} {format_bytes(v)}" for k, v in b.items() if v))
 full_total = sum(step_memory["full bf16"].values())
 ratios = {label: sum(b.values()) / full_total for label, b in step_memory.items()}
 qlora_ratio = ratios["QLoRA + ckpt"]
-print("  ".join(f"{label}: {r:.1%}" for label, r in ratios.items()), "of the full bf16 step")
+parts = [k for k in dict.fromkeys(k for b in step_memory.values() for k in b)
+         if any(b.get(k) for b in step_memory.values())]  # the components some step holds
+print(f"{'':<13}" + "".join(f"{label:>18}" for label in step_memory))  # a column per step: 85 characters wide
+print(f"{'total':<13}" + "".join(f"{format_bytes(sum(b.values())):>18}" for b in step_memory.values()))
+print(f"{'of full bf16':<13}" + "".join(f"{r:>18.1%}" for r in ratios.values()))
+for k in parts:
+    print(f"{k:<13}" + "".join(f"{format_bytes(b[k]) if b.get(k) else '-':>18}" for b in step_memory.values()))
 
 # %%
 plots.breakdown_bars(step_memory, title="One training step of the student (batch 1)")

@@ -214,10 +214,13 @@ print(f"2-rank checkpoint of step {shard.check_checkpoint(work / 'ckpt', cfg)[1]
 #   `qlora` (bf16 storage, `MixedPrecisionPolicy(param_dtype=bf16)`) and `qlora-uint8` (default storage).
 
 # %%
+print(f"{'job, rank 0':<12}{'trainable (LoRA)':>18}" + "".join(f"{k:>12}" for k in rows["qlora", 0]["state"])
+      + f"{'first loss':>12}")
 for s in ["qlora", "qlora-uint8"]:
     q = rows[s, 0]
-    print(f"{s:<12} rank 0: {q['local_trainable_parameters']:,} trainable (LoRA) parameters in its shard; "
-          + ", ".join(f"{k} {format_bytes(v)}" for k, v in q["state"].items()) + f"; first loss ≈{q['losses'][0]:.5f}")
+    first_loss = f"≈{q['losses'][0]:.5f}"
+    print(f"{s:<12}{q['local_trainable_parameters']:>18,}" + "".join(f"{format_bytes(v):>12}" for v in q["state"].values())
+          + f"{first_loss:>12}")
 print(f"fp32 zero3 rank 0 for comparison: {format_bytes(sum(rows['zero3', 0]['state'].values()))}")
 
 # %%

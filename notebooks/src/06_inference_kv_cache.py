@@ -263,13 +263,14 @@ FORMATS = {"bf16": lambda c: kvcache.kv_bytes_per_token(c),
            "int8": lambda c: kvcache.quantized_kv_bytes_per_token(c, 8),
            "int4": lambda c: kvcache.quantized_kv_bytes_per_token(c, 4)}
 longest = {}
-print(f"{'model':<22}{'weights':>11}" + "".join(f"{g + ' ' + f:>12}" for g in GPUS for f in FORMATS))
+print((f"{'':<33}" + "".join(f"{g + ' GPU, cache in':^27}" for g in GPUS)).rstrip())  # thousands of tokens
+print(f"{'model':<22}{'weights':>11}" + "".join(f"{f:>9}" for g in GPUS for f in FORMATS))
 for name in family.MEMBERS:
     cfg_full = family.config(name)
     e = estimate(name, Setup(mode="inference", precision="bf16", seq=1024))
     longest[name] = {(g, f): kvcache.longest_trace(size, e.bytes["weights"], per(cfg_full), reserved_bytes=e.bytes["activations"])
                      for g, size in GPUS.items() for f, per in FORMATS.items()}
-    print(f"{name:<22}{format_bytes(e.bytes['weights']):>11}" + "".join(f"{n // 1000:>11,}k" for n in longest[name].values()))
+    print(f"{name:<22}{format_bytes(e.bytes['weights']):>11}" + "".join(f"{n // 1000:>8,}k" for n in longest[name].values()))
 qwen7b = family.config("r1-distill-qwen-7b")
 print("r1-distill-qwen-7b cache bytes/token: " + ", ".join(f"{f} {per(qwen7b):,}" for f, per in FORMATS.items()))
 
@@ -345,7 +346,7 @@ print(f"45-token trace, int8 cache: residual_length=128 -> {window[128]:,.0f} by
 try:
     QuantizedCache("quanto", qw_cfg)
 except ImportError as err:
-    print(f"ImportError: {err}")
+    print("ImportError:", " ".join(str(err).split()))  # the library's message holds a double space
 
 # %% [markdown]
 # **3. The fp8 cache freezes its scale on the prompt.** Values that later exceed the prompt's

@@ -314,14 +314,15 @@ print(f"at full size on the T4, a bf16 checkpoint under fp16 autocast adds {t4_c
 # %%
 PEAK = {"1.5B on a T4": 65e12, "7B, seq 4096, 24 GB": 165e12, "70B on 2 x 80 GB": 312e12}
 hours, flops_of = {}, {}
+print(f"{'budget':<22} {'recipe':<31}{'operations':>11}{'GPU-hours':>11}{'6 x N x D':>11}")
 for b in BUDGETS[:3]:
     o = chosen[b.label]
     tokens = 10_000 * b.seq
     flops = capstone.train_flops(o.estimate.parameters, tokens, o.estimate.setup)
     hours[b.label] = flops / (0.4 * PEAK[b.label]) / 3600
     flops_of[b.label] = flops / (o.estimate.parameters * tokens)  # operations per parameter per token
-    print(f"{b.label:<22} {o.train_recipe:<31} {flops:.2e} operations: {hours[b.label]:7.1f} GPU-hours "
-          f"(full fine-tuning without checkpointing: {6 * o.estimate.parameters * tokens:.2e})")
+    print(f"{b.label:<22} {o.train_recipe:<31}{flops:>11.2e}{hours[b.label]:>11.1f}{6 * o.estimate.parameters * tokens:>11.2e}")
+print("6 x N x D: full fine-tuning without checkpointing, 6 x parameters x tokens")
 
 # %% [markdown]
 # **Quality.** A recipe that fits says nothing about what the model learns: that comes from the data and

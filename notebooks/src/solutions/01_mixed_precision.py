@@ -48,9 +48,13 @@ at = {seq: {p: measured_step(p, seq) for p in RUNGS} for seq in (256, 512)}
 ratio = {p: {k: at[512][p].breakdown[k] / at[256][p].breakdown[k]
              for k in ("parameters", "optimizer", "activations", "temporaries") if at[256][p].breakdown[k]}
          for p in RUNGS}
+parts = list(dict.fromkeys(k for p in RUNGS for k in ratio[p]))
+print(f"{'':<12}{'seq 512 / seq 256':^{13 * len(parts)}}".rstrip())
+print(f"{'precision':<12}" + "".join(f"{k:>13}" for k in parts) + f"{'peak at seq 256 -> 512':>26}")
 for p in RUNGS:
-    print(f"{p:<11} " + "  ".join(f"{k} x{r:.2f}" for k, r in ratio[p].items())
-          + f"  | peak {format_bytes(at[256][p].peak_bytes)} -> {format_bytes(at[512][p].peak_bytes)}")
+    peaks = f"{format_bytes(at[256][p].peak_bytes)} -> {format_bytes(at[512][p].peak_bytes)}"
+    print(f"{p:<12}" + "".join(f"{'x' + format(ratio[p][k], '.2f') if k in ratio[p] else '-':>13}" for k in parts)
+          + f"{peaks:>26}")
 
 # %% [markdown]
 # - **activations and temporaries double**, at every precision: they are batch × seq × width
@@ -89,11 +93,14 @@ def train_curve(prec: str, lr: float) -> tuple[list[float], dict[str, float]]:
 
 runs = {(p, lr): train_curve(p, lr) for p, lr in (("bf16", 2e-3), ("bf16", 1e-4), ("bf16-mixed", 1e-4))}
 frozen = {}
+print(f"{'':<38}{'never moved (mean per tensor)':^36}".rstrip())
+print(f"{'precision':<11} {'lr':>5}  {'loss: first -> last':<19}{'of RMSNorm weights':>20}{'of all weights':>16}")
 for (p, lr), (losses, unchanged) in runs.items():
     norms = [v for n, v in unchanged.items() if "norm" in n]
     frozen[p, lr] = (sum(norms) / len(norms), sum(unchanged.values()) / len(unchanged))
-    print(f"{p:<11} lr {lr:.0e}: loss ≈{losses[0]:.3f} -> ≈{losses[-1]:.3f}; never moved: "
-          f"≈{frozen[p, lr][0]:.0%} of RMSNorm weights, ≈{frozen[p, lr][1]:.1%} of all weights (mean per tensor)")
+    loss = f"≈{losses[0]:.3f} -> ≈{losses[-1]:.3f}"
+    norm_frozen, all_frozen = f"≈{frozen[p, lr][0]:.0%}", f"≈{frozen[p, lr][1]:.1%}"
+    print(f"{p:<11} {lr:.0e}  {loss:<19}{norm_frozen:>20}{all_frozen:>16}")
 
 # %% [markdown]
 # - at lr 1e-4 every Adam update is about 1e-4 in size; next to a bf16 weight `w` the spacing is

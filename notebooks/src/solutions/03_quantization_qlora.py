@@ -62,10 +62,11 @@ for rank in ranks:
                            loss=mean_loss(model, "subtraction"),
                            addition=student.accuracy(model, tok, n=N_EVAL, seed=0, progress=False))
     qloras[rank] = model
+print(f"{'rank':>4}{'trainable':>11}{'step peak':>12}{'gradients + AdamW':>19}{'held-out subtraction loss':>27}"
+      f"{'addition accuracy':>19}")
 for rank, r in rank_rows.items():
-    print(f"rank {rank:>2}: trainable {r['trainable']:>8,}  step peak {format_bytes(r['peak']):>10} "
-          f"(gradients + AdamW {format_bytes(r['states']):>10})  held-out subtraction loss ≈{r['loss']:.2f}  "
-          f"addition accuracy ≈{r['addition']:.0%}")
+    loss, accuracy = f"≈{r['loss']:.2f}", f"≈{r['addition']:.0%}"
+    print(f"{rank:>4}{r['trainable']:>11,}{format_bytes(r['peak']):>12}{format_bytes(r['states']):>19}{loss:>27}{accuracy:>19}")
 
 # %% [markdown]
 # The same adapters on the real R1-Distill-Qwen-1.5B (every linear map, `r × (in + out)` each):
@@ -127,9 +128,11 @@ for label, skip in VARIANTS.items():
                               mlp_layers=sum(".mlp." in n for n in errors), head="lm_head" in errors,
                               output=((logits - ref_logits).norm() / ref_logits.norm()).item(),
                               accuracy=student.accuracy(variant, tok, n=N_EVAL, seed=0, progress=False))
+print(f"{'variant':<21}{'layers in 4 bits':>17}{'MLP':>5}{'lm_head':>9}{'mean weight error':>19}{'logits moved':>14}"
+      f"{'accuracy':>10}")
 for label, s in sensitivity.items():
-    print(f"{label:<20} {s['layers']:>2} layers in 4 bits ({s['mlp_layers']:>2} MLP, lm_head: {s['head']!s:<5}) "
-          f"mean weight error ≈{s['error']:.2%}  logits moved ≈{s['output']:.2%}  accuracy ≈{s['accuracy']:.0%}")
+    error, moved, accuracy = f"≈{s['error']:.2%}", f"≈{s['output']:.2%}", f"≈{s['accuracy']:.0%}"
+    print(f"{label:<21}{s['layers']:>17}{s['mlp_layers']:>5}{s['head']!s:>9}{error:>19}{moved:>14}{accuracy:>10}")
 
 # %% [markdown]
 # - `["mlp"]` skipped nothing and quantized `lm_head` as well: always check what was skipped

@@ -119,9 +119,9 @@ for keep in KEEP:
     after.append(student.accuracy(recovered, tok, n=N_EVAL, progress=False))
     mlp_bytes.append(prune.parameter_bytes(recovered))
 dense_bytes = prune.parameter_bytes(qwen)
+print(f"{'MLP channels kept':>17}{'parameters':>12}{'x dense':>9}   accuracy: pruned -> after {RECOVERY_STEPS} LoRA steps")
 for keep, b, a, n in zip(KEEP, before, after, mlp_bytes):
-    print(f"keep {keep:>4.0%} of the MLP channels: {format_bytes(n):>10} ({n / dense_bytes:.2f} x dense)  "
-          f"accuracy {b:.2f} -> {a:.2f} after {RECOVERY_STEPS} LoRA steps ({(a - b) * 100:+.0f} points)")
+    print(f"{keep:>17.0%}{format_bytes(n):>12}{n / dense_bytes:>9.2f}   {b:.2f} -> {a:.2f} ({(a - b) * 100:+.0f} points)")
 plots.lines([k * 100 for k in KEEP], {"pruned": before, f"after {RECOVERY_STEPS} LoRA steps": after},
             "MLP channels kept (%)", "exact-match accuracy", title="Pruning the qwen2 student's MLP")
 plt.show()
@@ -202,13 +202,15 @@ kept_grouped = prune_experts_per_group(grouped, 1)
 prune.prune_experts(ungrouped, 4, counts)
 kept_ungrouped = {name: sorted(c.topk(4).indices.tolist()) for name, c in counts.items()}  # what prune_experts keeps
 compare = {}
+print(f"{'cut':<26}{'experts kept, per layer':<30}{'weights':>10}{'accuracy':>10}{'loss':>8}{'choices kept':>14}")
 for label, model, kept in (("1 per group, grouped", grouped, kept_grouped),
                            ("prune_experts, ungrouped", ungrouped, kept_ungrouped)):
     share = sum(int(counts[n][k].sum()) for n, k in kept.items()) / sum(int(c.sum()) for c in counts.values())
     compare[label] = (prune.parameter_bytes(model), student.accuracy(model, moe_tok, n=N_EVAL, progress=False),
                       student.heldout_loss(model, moe_tok), share)
-    print(f"{label:<25} experts {list(kept.values())}  {format_bytes(compare[label][0])}  accuracy {compare[label][1]:.2f}  "
-          f"loss {compare[label][2]:.3f}  calibration choices kept {share:.0%}")
+    print(f"{label:<26}{list(kept.values())!s:<30}{format_bytes(compare[label][0]):>10}{compare[label][1]:>10.2f}"
+          f"{compare[label][2]:>8.3f}{share:>14.0%}")
+print("choices kept: the share of the router's choices on the calibration set that went to kept experts")
 # with one expert per group, picking the 2 best groups is picking the 2 best experts: the routing is ungrouped
 regrouped = copy.deepcopy(grouped)
 for gate in (dict(regrouped.named_modules())[name].gate for name in counts):

@@ -107,6 +107,8 @@ def most_requests(gpus: int) -> int:
 
 print(f"setup: {estimate.recipe_of(setup)}")
 most, per_request, weights = {}, {}, {}
+print(f"{'':<14}{'GiB per GPU':^34}{'each extra request adds':^24}".rstrip())
+print(f"{'GPUs':>4}{'requests':>10}{'weights':>10}{'KV':>10}{'temporaries':>14}{'KV':>10}{'temporaries':>14}")
 for gpus in (8, 16):
     most[gpus] = most_requests(gpus)
     e = estimate.estimate(r1, replace(setup, batch=most[gpus], gpus=gpus)).bytes
@@ -114,10 +116,8 @@ for gpus in (8, 16):
     one = estimate.estimate(r1, replace(setup, batch=1, gpus=gpus)).bytes
     two = estimate.estimate(r1, replace(setup, batch=2, gpus=gpus)).bytes
     per_request[gpus] = {k: two[k] - one[k] for k in ("kv_cache", "activations")}
-    print(f"{gpus:>2} GPUs: {most[gpus]} requests; per GPU: weights {e['weights'] / GiB:5.1f} GiB, "
-          f"KV {e['kv_cache'] / GiB:5.1f} GiB, temporaries {e['activations'] / GiB:5.1f} GiB; each extra request "
-          f"adds {per_request[gpus]['kv_cache'] / GiB:.2f} GiB of KV and {per_request[gpus]['activations'] / GiB:.2f} GiB "
-          "of temporaries to every GPU")
+    print(f"{gpus:>4}{most[gpus]:>10}{e['weights'] / GiB:>10.1f}{e['kv_cache'] / GiB:>10.1f}{e['activations'] / GiB:>14.1f}"
+          f"{per_request[gpus]['kv_cache'] / GiB:>10.2f}{per_request[gpus]['activations'] / GiB:>14.2f}")
 
 # %% [markdown]
 # - 8 GPUs serve 19 requests of 8,192 tokens at once; 16 GPUs free ~20 GiB of weights per GPU but serve only 31
