@@ -31,14 +31,18 @@ MIN_OFFLOAD_BYTES = 1024
 class HostPool:
     """The host memory that offloaded tensors occupy, counted beside the tracker's device pool.
 
-    ``bytes`` is what the storages it holds take now, ``peak`` the most since ``reset_peak``. A
-    storage is held from ``keep`` until the last tensor on it is freed. See the module docstring.
+    ``bytes`` is what the storages it holds take now. ``peak`` is the most that the storages kept
+    since ``reset_peak`` held at once: storages kept before do not count, and freeing one of them
+    (earlier work collected by the garbage collector) does not lower it. A storage is held from
+    ``keep`` until the last tensor on it is freed. See the module docstring.
     """
 
     def __init__(self) -> None:
         self.bytes = 0
         self.peak = 0
-        self._held: dict[int, int] = {}  # storage key -> bytes
+        self._held: dict[int, tuple[int, int]] = {}  # storage key -> (bytes, the period it was kept in)
+        self._period = 0  # how many times reset_peak ran
+        self._period_bytes = 0  # held by the storages kept in this period
         self._computing = 0
 
     @staticmethod
@@ -50,14 +54,18 @@ class HostPool:
         storage = tensor.untyped_storage()
         key = self._key(tensor)
         if key not in self._held:
-            self._held[key] = storage.nbytes()
+            self._held[key] = storage.nbytes(), self._period
             self.bytes += storage.nbytes()
-            self.peak = max(self.peak, self.bytes)
+            self._period_bytes += storage.nbytes()
+            self.peak = max(self.peak, self._period_bytes)
             weakref.finalize(storage, self._release, key)
         return tensor
 
     def _release(self, key: int) -> None:
-        self.bytes -= self._held.pop(key, 0)
+        n_bytes, period = self._held.pop(key, (0, -1))
+        self.bytes -= n_bytes
+        if period == self._period:
+            self._period_bytes -= n_bytes
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` lives in a storage this pool counts."""
@@ -90,8 +98,9 @@ class HostPool:
         return self.keep(host)
 
     def reset_peak(self) -> None:
-        """Start a new peak from the bytes held now."""
-        self.peak = self.bytes
+        """Start a new peak, of the storages kept from now on."""
+        self._period += 1
+        self._period_bytes = self.peak = 0
 
 
 HOST = HostPool()  # the one host pool: techniques put offloaded tensors here, ``measure.track`` reads its peak

@@ -165,7 +165,8 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
     counts (a model's parameters and gradients, an optimizer's state); everything created inside
     the block counts automatically. Host bytes count the same way: those ``stateful`` holds in
     ``HOST`` (an offloaded optimizer's state) plus what ``HOST`` gains inside the block, so host
-    storages left over from earlier work do not count. Example::
+    storages left over from earlier work do not count (blocks do not nest: each resets ``HOST``'s
+    peak). Example::
 
         with track(model, optimizer, label="fp32 step") as m:
             train_step(model, optimizer, batch)
@@ -181,11 +182,11 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
             torch.cuda.memory._record_memory_history(max_entries=100_000)
     tracker = _Tracker()
     tracker.track_external(*stateful)
-    host_before, host_stateful = HOST.bytes, _host_bytes(stateful)
+    host_stateful = _host_bytes(stateful)
     HOST.reset_peak()
     with tracker:
         yield result
-    result.host_peak_bytes = HOST.peak - host_before + host_stateful
+    result.host_peak_bytes = host_stateful + HOST.peak
     snapshots = tracker.get_tracker_snapshot("peak")
     snap = snapshots.get(device) or max(snapshots.values(), key=lambda s: s["Total"], default={"Total": 0})
     result.peak_bytes = int(snap["Total"])
