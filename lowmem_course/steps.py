@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_course import host, precision
+from lowmem_course.optimizers import StepInBackward
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (Hugging Face's convention)
 Batch = tuple[torch.Tensor, ...]  # (input_ids, labels) or (input_ids, labels, attention_mask), batch x tokens
@@ -121,6 +122,19 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
                                  chunk_tokens, num_items_in_batch)
 
 
+def _refuse_with_step_in_backward(scaler: torch.amp.GradScaler | None, grad_clip: float | None,
+                                  accumulate: int) -> None:
+    if grad_clip is not None:
+        raise ValueError("a step in backward steps each parameter as soon as its gradient is made: there is no "
+                         "global gradient norm to clip by (drop grad_clip)")
+    if scaler is not None:
+        raise ValueError("a step in backward cannot take a loss scaler: the scaler must unscale and check every "
+                         "gradient before any step (use bf16 autocast)")
+    if accumulate > 1:
+        raise ValueError("a step in backward steps each parameter as soon as its gradient is made: there is no "
+                         f"gradient left to accumulate {accumulate} micro-batches into (accumulate=1)")
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
@@ -131,9 +145,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_i
     Forward with ``labels`` (default: ``input_ids``) and ``attention_mask`` under
     ``torch.autocast(autocast_dtype)`` (None or float32: no autocast); backward, through ``scaler``
     when one is given (a ``torch.amp.GradScaler``: ``precision.make_scaler``); the trainable
-    parameters' gradient norm clipped to ``grad_clip``; the optimizer step; gradients set to None.
-    The model output is dropped as soon as the loss is taken, so only what autograd saved stays
-    alive, as in every real training loop.
+    parameters' gradient norm clipped to ``grad_clip`` (the gradients the optimizer steps); the
+    optimizer step; gradients set to None. The model output is dropped as soon as the loss is taken,
+    so only what autograd saved stays alive, as in every real training loop.
 
     ``accumulate`` > 1 splits the batch into that many micro-batches (along dim 0) and runs forward
     and backward on each before the one optimizer step: the activations of one micro-batch at a
@@ -143,10 +157,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_i
 
     ``chunked_loss`` takes the loss ``LOSS_CHUNK_TOKENS`` tokens at a time (``causal_lm_loss``), so
     the full logits never exist. ``offload_activations`` runs each forward in ``host.offloaded``:
-    what autograd saves goes to host memory and comes back in backward.
+    what autograd saves goes to host memory and comes back in backward. An optimizer that steps in
+    backward (``optimizers.StepInBackward``) refuses ``grad_clip``, ``scaler`` and ``accumulate`` > 1.
     """
     if not 1 <= accumulate <= input_ids.shape[0]:
         raise ValueError(f"accumulate must be in 1..{input_ids.shape[0]} (the batch size), got {accumulate}")
+    if isinstance(optimizer, StepInBackward):
+        _refuse_with_step_in_backward(scaler, grad_clip, accumulate)
     labels = input_ids if labels is None else labels
     # a micro-batch's loss is its summed token losses over the whole batch's targets
     targets = None if accumulate == 1 else (labels[..., 1:] != IGNORE_INDEX).sum()
@@ -162,7 +179,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_i
     if grad_clip is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     if scaler is None:
         optimizer.step()
     else:

@@ -96,12 +96,13 @@ def test_offloaded_copies_each_saved_activation_once_and_leaves_parameters_on_th
         return F.linear(x, weight).sum() + (x @ weight.t()).sum() + (small * small).sum()
 
     reference = torch.autograd.grad(loss(), (weight, x, small))
+    held_before = host.HOST.bytes  # other tests' host storages that are still alive
     with measure.track() as m:
         with checkpointing.offloaded("cpu"):
             value = loss()
         grads = torch.autograd.grad(value, (weight, x, small))
     assert m.host_peak_bytes == 32 * 64 * 4  # x, once; not the weight, not the small tensor
-    assert host.HOST.bytes == 0  # the host copy went with the graph
+    assert host.HOST.bytes == held_before  # the host copy went with the graph
     for got, want in zip(grads, reference):
         assert torch.equal(got, want)
 

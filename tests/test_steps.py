@@ -193,3 +193,14 @@ def test_offloaded_activations_go_to_the_host_and_keep_the_step_exact(checkpoint
         assert offloaded.breakdown["activations"] < 4 * 1024  # only tensors under MIN_OFFLOAD_BYTES stay
         assert offloaded.host_peak_bytes == pytest.approx(plain.breakdown["activations"], rel=0.05)
         assert offloaded.peak_bytes < 0.6 * plain.peak_bytes
+
+
+def test_a_step_in_backward_refuses_what_needs_every_gradient_at_once():
+    ids, labels = _batch()
+    model = _twin()
+    optimizer = optimizers.make_optimizer(model, "sgd", step_in_backward=True)
+    for options, reason in [(dict(grad_clip=1.0), "no global gradient norm"),
+                            (dict(scaler=torch.amp.GradScaler("cpu")), "cannot take a loss scaler"),
+                            (dict(accumulate=2), "no gradient left to accumulate 2 micro-batches")]:
+        with pytest.raises(ValueError, match=reason):
+            steps.train_step(model, optimizer, ids, labels, **options)
