@@ -10,22 +10,28 @@ Policies, from most memory to least:
 
 Whole-layer policies use transformers' own ``activation_checkpointing_enable`` (non-reentrant
 ``torch.utils.checkpoint``); the selective ones wrap the attention or MLP module's ``forward`` the
-same way. ``offloaded`` moves whatever backward keeps to host memory instead
-(``torch.autograd.graph.save_on_cpu``). ``chunked_cross_entropy`` is the same idea for the loss:
-the logits of a 150k vocabulary are never held whole.
+same way.
+
+Two companions, defined where the training step can reach them and importable from here too:
+``offloaded(device)`` (``lowmem_course.host``) keeps what backward needs in host memory instead (with
+a whole-layer policy: the layers' inputs); ``chunked_cross_entropy`` and ``causal_lm_loss``
+(``lowmem_course.steps``) are the same idea for the loss: the logits of a 150k vocabulary are never
+held whole.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_course.family import decoder_layers
-from lowmem_course.steps import IGNORE_INDEX
+from lowmem_course.host import offloaded
+from lowmem_course.steps import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy, shift_labels
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "chunked_cross_entropy", "disable", "enable", "offloaded",
+           "shift_labels"]
 
 _EVERY = re.compile(r"every-([1-9][0-9]*)")
 
@@ -69,55 +75,3 @@ def disable(model: torch.nn.Module) -> None:
     for layer in decoder_layers(model):
         for module in (layer.self_attn, layer.mlp):
             module.__dict__.pop("forward", None)
-
-
-def offloaded(device: str | torch.device) -> contextlib.AbstractContextManager:
-    """A context in which the tensors autograd saves for backward are kept in host memory.
-
-    Forward copies each one to the host (pinned when ``device`` is CUDA, so the copies can
-    overlap) and backward copies it back. On a CPU the host *is* the device: nothing is saved.
-    """
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
-
-
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_tokens: int = 1024) -> torch.Tensor:
-    """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``labels``, ``chunk_tokens`` rows at a time.
-
-    ``hidden`` is (tokens, hidden size), ``weight`` the LM head (vocab, hidden size), ``labels``
-    (tokens,) with ``IGNORE_INDEX`` where there is no target. Each chunk's logits are made, reduced
-    and freed in forward, and made again in backward (non-reentrant checkpoint), so at most one chunk
-    of (chunk_tokens x vocab) fp32 logits exists at any time instead of all of them.
-    """
-    if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
-        raise ValueError(f"expected hidden (tokens, hidden) and labels (tokens,), got {tuple(hidden.shape)} "
-                         f"and {tuple(labels.shape)}")
-    total = sum(checkpoint(_chunk_loss, h, weight, y, use_reentrant=False)
-                for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)))
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets: ``labels`` moved one place left, ``IGNORE_INDEX`` after the last token."""
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-
-
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                   chunk_tokens: int | None = None) -> torch.Tensor:
-    """The causal-LM loss of a ``...ForCausalLM``: plain when ``chunk_tokens`` is None, else chunked.
-
-    Plain is what ``model(input_ids, labels=labels).loss`` computes (full fp32 logits); chunked
-    gives the same value and gradients while holding one chunk of logits at a time.
-    """
-    labels = input_ids if labels is None else labels
-    if chunk_tokens is None:
-        return model(input_ids=input_ids, labels=labels).loss
-    hidden = model.model(input_ids=input_ids).last_hidden_state
-    return chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, shift_labels(labels).flatten(),
-                                 chunk_tokens)

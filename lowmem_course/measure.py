@@ -10,21 +10,16 @@ freed memory and under-reports peaks). On CUDA the allocator's own peak is recor
 ``FakeTensorMode``: tensors carry shapes and dtypes but no storage, so a 1.5B-parameter step is
 measured on a laptop without allocating it.
 
-Device bytes and host bytes. Offloading techniques move tensors from the GPU to host RAM. On a GPU
-the tracker keeps the two apart by device; on a CPU-only machine host and "device" are the same
-memory, so the course separates them the one honest way it can: a technique hands each tensor it
-offloads to ``HOST`` (``HOST.copy``, or ``HOST.keep`` for one it made under ``HOST.computing()``,
-where the host does the work). The tracker skips the storages ``HOST`` holds and the tensors made
-under ``HOST.computing()``; ``HOST`` counts the bytes it holds, and ``track`` reports their peak as
-``Measurement.host_peak_bytes``. Bringing a tensor back is an ordinary copy, which the tracker counts
-as device bytes, as the host-to-device copy on a GPU allocates device memory.
+Device bytes and host bytes. Offloading techniques hand each tensor they move to host RAM to
+``host.HOST`` (see ``lowmem_course.host``). The tracker skips the storages ``HOST`` holds and the
+tensors made under ``HOST.computing()``, so ``peak_bytes`` and its breakdown are device bytes, and
+``track`` reports the peak of the bytes ``HOST`` held as ``Measurement.host_peak_bytes``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -34,10 +29,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.tensor import DTensor
-from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import PretrainedConfig
 
 from lowmem_course import family, steps
+from lowmem_course.host import HOST
 from lowmem_course.optimizers import OptimizerName, make_optimizer  # measure.make_optimizer: the one factory
 from lowmem_course.units import format_bytes
 
@@ -82,71 +77,6 @@ class Measurement:
         return asdict(self)
 
 
-class HostPool:
-    """The host memory that offloaded tensors occupy, counted beside the tracker's device pool.
-
-    ``bytes`` is what the storages it holds take now, ``peak`` the most since ``reset_peak``. A
-    storage is held from ``keep`` until the last tensor on it is freed. See the module docstring.
-    """
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.peak = 0
-        self._held: dict[int, int] = {}  # storage key -> bytes
-        self._computing = 0
-
-    @staticmethod
-    def _key(tensor: torch.Tensor) -> int:
-        return StorageWeakRef(tensor.untyped_storage()).cdata
-
-    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Count ``tensor``'s storage as host bytes (once) until it is freed; returns ``tensor``."""
-        storage = tensor.untyped_storage()
-        key = self._key(tensor)
-        if key not in self._held:
-            self._held[key] = storage.nbytes()
-            self.bytes += storage.nbytes()
-            self.peak = max(self.peak, self.bytes)
-            weakref.finalize(storage, self._release, key)
-        return tensor
-
-    def _release(self, key: int) -> None:
-        self.bytes -= self._held.pop(key, 0)
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        """True when ``tensor`` lives in a storage this pool counts."""
-        return self._key(tensor) in self._held
-
-    @property
-    def is_computing(self) -> bool:
-        """True inside ``computing()``."""
-        return self._computing > 0
-
-    @contextlib.contextmanager
-    def computing(self) -> Iterator[None]:
-        """A block whose operations run on the host: what they make is not device memory (the
-        tracker skips it); ``keep`` what should count as host bytes."""
-        self._computing += 1
-        try:
-            yield
-        finally:
-            self._computing -= 1
-
-    def copy(self, tensor: torch.Tensor, pin_memory: bool = False) -> torch.Tensor:
-        """A host copy of ``tensor`` (pinned when asked, for a CUDA source), counted as host bytes."""
-        with self.computing():
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin_memory)
-            host.copy_(tensor.detach(), non_blocking=pin_memory)
-        return self.keep(host)
-
-    def reset_peak(self) -> None:
-        """Start a new peak from the bytes held now."""
-        self.peak = self.bytes
-
-
-HOST = HostPool()  # the one host pool: techniques put offloaded tensors here, ``track`` reads its peak
-
-
 class _Tracker(MemTracker):
     """PyTorch's MemTracker, made to work on partly frozen models (LoRA, QLoRA), and fast.
 
@@ -170,12 +100,25 @@ class _Tracker(MemTracker):
                 if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
                     self._param_to_grad_hook_handles[param] = (
                         param.register_hook(self._track_gradient),
-                        param.register_post_accumulate_grad_hook(lambda p: self._track_gradient(p.grad)),
+                        param.register_post_accumulate_grad_hook(self._track_accumulated),
                     )
         return memory
 
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs: object) -> None:
+        # PyTorch's refuses a module that runs again at the top level, taking it for the next
+        # iteration mixed into this one's per-module stats. ``track`` reads only the device-wide peak,
+        # so each forward call starts the module's stats afresh: one step may run the model once per
+        # micro-batch, or the LM head once per chunk of the loss.
+        if not self._mod_tracker.is_bw:
+            self.memory_tracking.pop(module, None)
+        super()._pre_fw_hook(module, inputs)
+
     def _track_gradient(self, grad: torch.Tensor) -> None:
         self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+    def _track_accumulated(self, param: torch.Tensor) -> None:
+        if param.grad is not None:  # None when an earlier hook took it (a step in backward, an offloaded optimizer)
+            self._track_gradient(param.grad)
 
     # Host memory (``HOST``) is not device memory: skip what it holds and what is made on the host.
     def _track(self, reftype: object, t: torch.Tensor) -> None:
@@ -197,6 +140,22 @@ def _device_of(stateful: tuple[object, ...]) -> torch.device:
     return torch.device("cpu")
 
 
+def _host_bytes(stateful: tuple[object, ...]) -> int:
+    """Bytes of the ``HOST`` storages that ``stateful`` holds: an optimizer's parameters, their
+    gradients and its state (``optimizers.HostAdamW`` keeps them on the host), a module's own tensors."""
+    tensors: list[torch.Tensor] = []
+    for obj in stateful:
+        if isinstance(obj, torch.optim.Optimizer):
+            params = [p for group in obj.param_groups for p in group["params"]]
+            tensors += params + [p.grad for p in params if p.grad is not None]
+            tensors += [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        elif isinstance(obj, torch.nn.Module):
+            tensors += [*obj.parameters(), *obj.buffers()]
+        elif isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+    return storage_bytes(*[t for t in tensors if HOST.holds(t)])
+
+
 @contextlib.contextmanager
 def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, label: str = "",
           snapshot_path: str | None = None) -> Iterator[Measurement]:
@@ -204,7 +163,10 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
 
     ``stateful`` are the models, optimizers and tensors created *before* the block whose memory
     counts (a model's parameters and gradients, an optimizer's state); everything created inside
-    the block counts automatically. Example::
+    the block counts automatically. Host bytes count the same way: those ``stateful`` holds in
+    ``HOST`` (an offloaded optimizer's state) plus what ``HOST`` gains inside the block, so host
+    storages left over from earlier work do not count (blocks do not nest: each resets ``HOST``'s
+    peak). Example::
 
         with track(model, optimizer, label="fp32 step") as m:
             train_step(model, optimizer, batch)
@@ -220,10 +182,11 @@ def track(*stateful: torch.nn.Module | torch.optim.Optimizer | torch.Tensor, lab
             torch.cuda.memory._record_memory_history(max_entries=100_000)
     tracker = _Tracker()
     tracker.track_external(*stateful)
+    host_stateful = _host_bytes(stateful)
     HOST.reset_peak()
     with tracker:
         yield result
-    result.host_peak_bytes = HOST.peak
+    result.host_peak_bytes = host_stateful + HOST.peak
     snapshots = tracker.get_tracker_snapshot("peak")
     snap = snapshots.get(device) or max(snapshots.values(), key=lambda s: s["Total"], default={"Total": 0})
     result.peak_bytes = int(snap["Total"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -57,7 +58,12 @@ def build_for(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> tor
 
 
 def measure_setup(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> measure.Measurement:
-    """Run one steady-state step of ``setup`` on a real model of ``cfg`` and measure it."""
+    """Run one steady-state step of ``setup`` on a real model of ``cfg`` and measure it.
+
+    The training techniques of ``setup`` run as ``lowmem train`` runs them: ``accumulate``
+    micro-batches, the chunked loss and offloaded activations in ``steps.train_step``, the optimizer
+    stepped in backward or on the host by ``optimizers.make_optimizer``.
+    """
     model = build_for(cfg, setup, device)
     ids = steps.random_batch(cfg.vocab_size, setup.batch, setup.seq, device=device)
     label = describe(setup)
@@ -66,31 +72,43 @@ def measure_setup(cfg: Any, setup: Setup, device: str | torch.device = "cpu") ->
             cache = steps.prefill_step(model, ids)
             del cache
         return m
-    optimizer = measure.make_optimizer(model, setup.optimizer)
-    return measure.measure_train_step(model, optimizer, ids, autocast_dtype=_autocast_dtype(setup), label=label)
+    optimizer = measure.make_optimizer(model, setup.optimizer, step_in_backward=setup.step_in_backward,
+                                       offload=setup.offload_optimizer)
+    step = functools.partial(steps.train_step, autocast_dtype=_autocast_dtype(setup), accumulate=setup.accumulate,
+                             chunked_loss=setup.chunked_loss, offload_activations=setup.offload_activations)
+    return measure.measure_train_step(model, optimizer, ids, label=label, step=step)
+
+
+_TECHNIQUES = {"chunked_loss": "chunked-loss", "offload_activations": "offload-activations",
+               "step_in_backward": "step-in-backward", "offload_optimizer": "offload-optimizer"}  # Setup field -> token
 
 
 def describe(setup: Setup) -> str:
-    """A short label such as ``full bf16-mixed ckpt s=256``."""
-    ckpt = " ckpt" if setup.checkpointing == "full" else ""
-    return f"{setup.mode} {setup.precision}{ckpt} b={setup.batch} s={setup.seq}"
+    """A short label such as ``full bf16-mixed ckpt s=256``, or ``full fp32 offload-optimizer accum2 b=2 s=256``."""
+    parts = [setup.mode, setup.precision] + ["ckpt"] * (setup.checkpointing == "full")
+    parts += [token for name, token in _TECHNIQUES.items() if getattr(setup, name)]
+    parts += [f"accum{setup.accumulate}"] * (setup.accumulate > 1)
+    return " ".join([*parts, f"b={setup.batch}", f"s={setup.seq}"])
 
 
 def measured_components(m: measure.Measurement) -> dict[str, int]:
     """A measurement's breakdown in the estimator's words (activations include temporaries; for
     inference the KV cache is inside activations, so it is compared as a sum). On CUDA the total is
-    the allocator's peak (what an out-of-memory error is about), on CPU the tracker's."""
+    the allocator's peak (what an out-of-memory error is about), on CPU the tracker's. ``host`` is
+    the peak of the host memory that offloaded tensors held (not part of the total)."""
     b = m.breakdown
     return {"weights": b["parameters"] + b["buffers"], "gradients": b["gradients"], "optimizer": b["optimizer"],
             "activations": b["activations"] + b["temporaries"] + b["other"],
-            "total": m.allocator_peak_bytes if m.allocator_peak_bytes is not None else m.peak_bytes}
+            "total": m.allocator_peak_bytes if m.allocator_peak_bytes is not None else m.peak_bytes,
+            "host": m.host_peak_bytes}
 
 
 def predicted_components(e: Estimate) -> dict[str, int]:
-    """An estimate's breakdown on the same keys as ``measured_components``."""
+    """An estimate's breakdown on the same keys as ``measured_components`` (``host``: 0 where the
+    estimate has no host bytes)."""
     b = e.bytes
     return {"weights": b["weights"], "gradients": b["gradients"], "optimizer": b["optimizer"],
-            "activations": b["activations"] + b["kv_cache"], "total": b["total"]}
+            "activations": b["activations"] + b["kv_cache"], "total": b["total"], "host": b.get("host", 0)}
 
 
 @dataclass(frozen=True)
@@ -107,9 +125,11 @@ class Comparison:
         return (self.predicted[key] - self.measured[key]) / max(self.measured[key], 1)
 
     def component_errors(self) -> dict[str, float]:
-        """Relative errors of the components of which either side is over 1 MiB."""
-        return {k: self.error(k) for k in ("weights", "gradients", "optimizer", "activations")
-                if max(self.predicted[k], self.measured[k]) > MiB}
+        """Relative errors of the components (host bytes too, where both sides have them) of which
+        either side is over 1 MiB."""
+        keys = [k for k in ("weights", "gradients", "optimizer", "activations", "host")
+                if k in self.predicted and k in self.measured]
+        return {k: self.error(k) for k in keys if max(self.predicted[k], self.measured[k]) > MiB}
 
     @property
     def ok(self) -> bool:

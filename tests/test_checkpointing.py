@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowmem_course import checkpointing, family, measure, steps
+from lowmem_course import checkpointing, family, host, measure, steps
 
 POLICIES = ("none", "full", "every-2", "attention", "mlp")
 
@@ -74,16 +74,43 @@ def test_full_checkpointing_keeps_a_fraction_of_the_activations():
     assert layer_inputs < kept["full"] < kept["none"] / 3
 
 
-def test_offloaded_keeps_gradients_exact():
-    assert isinstance(checkpointing.offloaded("cpu"), torch.autograd.graph.save_on_cpu)
+@pytest.mark.parametrize("policy", ["none", "full", "mlp"])
+def test_offloaded_keeps_gradients_exact(policy):
     model = _twin()
     ids = steps.random_batch(model.config.vocab_size, 1, 16)
     reference = _grads(model, ids)
+    checkpointing.enable(model, policy)
     with checkpointing.offloaded("cpu"):
         loss = checkpointing.causal_lm_loss(model, ids)
     loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[n], rtol=0, atol=0)
+
+
+def test_offloaded_copies_each_saved_activation_once_and_leaves_parameters_on_the_device():
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(32, 64, requires_grad=True)  # 8 KiB, saved by both matmuls
+    small = torch.randn(16, requires_grad=True)  # 64 B: under MIN_OFFLOAD_BYTES
+
+    def loss() -> torch.Tensor:  # the weight is saved as itself and as a view (weight.t())
+        return F.linear(x, weight).sum() + (x @ weight.t()).sum() + (small * small).sum()
+
+    reference = torch.autograd.grad(loss(), (weight, x, small))
+    held_before = host.HOST.bytes  # other tests' host storages that are still alive
+    with measure.track() as m:
+        with checkpointing.offloaded("cpu"):
+            value = loss()
+        grads = torch.autograd.grad(value, (weight, x, small))
+    assert m.host_peak_bytes == 32 * 64 * 4  # x, once; not the weight, not the small tensor
+    assert host.HOST.bytes == held_before  # the host copy went with the graph
+    for got, want in zip(grads, reference):
+        assert torch.equal(got, want)
+
+
+def test_the_loss_and_offloading_live_beside_the_step_and_read_from_here():
+    assert checkpointing.offloaded is host.offloaded
+    assert checkpointing.causal_lm_loss is steps.causal_lm_loss
+    assert checkpointing.chunked_cross_entropy is steps.chunked_cross_entropy
 
 
 def test_shift_labels():
@@ -136,6 +163,6 @@ def test_chunked_causal_lm_loss_matches_the_model_loss():
 @pytest.mark.parametrize("kwargs,message", [(dict(chunk_tokens=0), "chunk_tokens must be positive"),
                                             (dict(labels=torch.zeros(3, dtype=torch.long)), "expected hidden")])
 def test_chunked_cross_entropy_bad_input(kwargs, message):
-    args = dict(hidden=torch.zeros(4, 2), weight=torch.zeros(5, 2), labels=torch.zeros(4, dtype=torch.long))
+    args = dict(hidden=torch.zeros(4, 2), head=torch.zeros(5, 2), labels=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=message):
         checkpointing.chunked_cross_entropy(**{**args, **kwargs})

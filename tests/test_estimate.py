@@ -232,6 +232,28 @@ def test_estimate_matches_measurement_on_tiny_twins(name, setup):
     assert c.measured["total"] > 2 * MiB
 
 
+def test_validate_measures_each_training_technique_with_its_host_bytes():
+    cfg = validate.grid_config("r1-distill-qwen-1.5b")
+    base = Setup(mode="full", precision="fp32", batch=2, seq=256)
+    tokens = {"plain": {}, "chunked": {"chunked_loss": True}, "offload-activations": {"offload_activations": True},
+              "step-in-backward": {"step_in_backward": True}, "offload-optimizer": {"offload_optimizer": True},
+              "accum2": {"accumulate": 2}}
+    measured = {t: validate.measured_components(validate.measure_setup(cfg, Setup(**{**base.__dict__, **o})))
+                for t, o in tokens.items()}
+    sizes = [p.numel() * 4 for p in family.build(cfg, device="meta").parameters()]
+    plain = measured["plain"]
+    assert plain["host"] == 0 and plain["optimizer"] == 2 * sum(sizes) + 4 * len(sizes)
+    assert measured["offload-optimizer"]["optimizer"] == 0
+    assert measured["offload-optimizer"]["host"] == 4 * sum(sizes) + 4 * len(sizes)
+    assert measured["step-in-backward"]["gradients"] <= max(sizes)
+    assert measured["offload-activations"]["host"] > 0
+    for token in ("chunked", "offload-activations", "accum2"):
+        assert measured[token]["activations"] < plain["activations"], token
+    assert all(measured[t]["total"] <= plain["total"] for t in tokens)  # step-in-backward: the peak is the loss's
+    assert validate.describe(Setup(**{**base.__dict__, "offload_optimizer": True, "accumulate": 2})) == \
+        "full fp32 offload-optimizer accum2 b=2 s=256"
+
+
 # ---- predicted against simulated: R1-Distill-Qwen-1.5B at full size -------------------------------
 
 def _simulated_lora(cfg, seq: int) -> measure.Measurement:

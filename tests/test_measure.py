@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowmem_course import family, measure, steps
-from lowmem_course.units import MiB
+from lowmem_course import family, host, measure, steps
+from lowmem_course.units import KiB, MiB
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -152,25 +152,26 @@ def test_measure_train_step_measures_the_step_it_is_given():
 
 
 def test_offloaded_bytes_leave_the_device_pool_and_count_as_host_bytes():
+    held_before = host.HOST.bytes  # other tests' host storages that are still alive
     with measure.track(label="offload") as m:
         device = torch.ones(256, 1024)  # 1 MiB on the device
-        host = measure.HOST.copy(device)  # offloaded: 1 MiB on the host
+        offloaded = host.HOST.copy(device)  # offloaded: 1 MiB on the host
         del device
-        with measure.HOST.computing():  # work done on the host is not device memory
-            host.mul_(2)
+        with host.HOST.computing():  # work done on the host is not device memory
+            offloaded.mul_(2)
             scratch = torch.empty(3 * MiB, dtype=torch.uint8)
             del scratch
-        back = host.to("cpu", copy=True)  # brought back: a new device copy
-        del host
+        back = offloaded.to("cpu", copy=True)  # brought back: a new device copy
+        del offloaded
         del back
     assert m.peak_bytes == MiB
     assert m.host_peak_bytes == MiB
-    assert measure.HOST.bytes == 0
+    assert host.HOST.bytes == held_before
     assert "host peak    1.00 MiB" in str(m)
 
 
 def test_host_pool_counts_a_storage_once_until_its_last_view_is_freed():
-    pool = measure.HostPool()
+    pool = host.HostPool()
     t = torch.empty(1000, dtype=torch.float32)
     pool.keep(t)
     pool.keep(t[10:20])
@@ -179,3 +180,28 @@ def test_host_pool_counts_a_storage_once_until_its_last_view_is_freed():
     assert pool.bytes == 4000 and pool.holds(view)
     del view
     assert pool.bytes == 0 and pool.peak == 4000
+
+
+def test_host_bytes_count_what_the_tracked_objects_hold_and_what_the_block_adds():
+    leftover = host.HOST.copy(torch.ones(256, 1024))  # 1 MiB held by earlier work: not this block's
+    held = host.HOST.copy(torch.ones(128, 1024))  # 512 KiB held by a tracked object (an optimizer's state)
+    with measure.track(held) as m:
+        del leftover  # earlier work freed during the block: not a saving of this block's
+        added = host.HOST.copy(torch.ones(64, 1024))  # 256 KiB made in the block
+        del added
+    assert m.host_peak_bytes == 512 * KiB + 256 * KiB
+    assert m.peak_bytes == 256 * KiB  # the device tensor it copied
+    del held
+
+
+def test_a_model_run_again_in_one_block_is_measured():
+    """Micro-batches run the model once each, a chunked loss the LM head once per chunk."""
+    model = family.build(family.tiny("r1-distill-qwen-1.5b"))
+    ids = steps.random_batch(model.config.vocab_size, 1, 16)
+    with torch.no_grad():
+        with measure.track(model) as once:
+            model(input_ids=ids)
+        with measure.track(model) as twice:
+            model(input_ids=ids)
+            model(input_ids=ids)
+    assert twice.peak_bytes == once.peak_bytes > param_bytes(model)
