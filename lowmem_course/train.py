@@ -194,13 +194,17 @@ def _with_recipe(path: Path, recipe: Recipe, lora_rank: int, seed: int) -> torch
     return quantize.add_lora(model, rank=lora_rank, alpha=2 * lora_rank, checkpointing=recipe.checkpointing, seed=seed)
 
 
-def trainable(recipe: Recipe) -> Recipe:
-    """``recipe`` if this command can run it here, else ``TrainError`` saying why (one line)."""
+def trainable(recipe: Recipe, batch: int) -> Recipe:
+    """``recipe`` if this command can run it here on ``batch`` sequences a step, else ``TrainError``
+    saying why (one line)."""
     if recipe.mode == "inference":
         raise TrainError(f"{recipe} is an inference recipe: lowmem train trains (lowmem estimate predicts serving)")
     if recipe.gpus_needed > 1:
         raise TrainError(f"{recipe} shards over {recipe.gpus_needed}+ GPUs: lowmem train runs one process "
                          "(estimate it with lowmem estimate --recipe ... --gpus N)")
+    if batch % recipe.accumulate:
+        raise TrainError(f"--batch {batch} does not split into {recipe.accumulate} equal micro-batches "
+                         f"(accum{recipe.accumulate}): choose a multiple of {recipe.accumulate}")
     if recipe.optimizer == "paged-adamw8bit" and family.get_device().type != "cuda":
         raise TrainError(f"{recipe}: paged optimizers page CUDA memory to the host and need a CUDA GPU; "
                          "adamw8bit holds the same bytes without paging")
@@ -466,7 +470,7 @@ def train(args: argparse.Namespace) -> dict:
     name and tokenizer (with the examples encoded), a checkpoint to resume, then the model itself.
     Problems raise ``TrainError``, ``ValueError`` or ``OSError`` with a one-line message.
     """
-    recipe = trainable(Recipe.parse(args.recipe))
+    recipe = trainable(Recipe.parse(args.recipe), args.batch)
     out = Path(args.out)
     check_out(out, args.resume, args.overwrite)
     examples = read_examples(Path(args.data))
@@ -478,7 +482,9 @@ def train(args: argparse.Namespace) -> dict:
             resumed = checkpoint_to_resume(out, fingerprint, args.steps) if args.resume else None
             torch.manual_seed(args.seed)
             model = load_model(args.model, recipe, args.lora_rank, args.seed)
-            optimizer = optimizers.make_optimizer(model, recipe.optimizer, args.lr)
+            optimizer = optimizers.make_optimizer(model, recipe.optimizer, args.lr,
+                                                  step_in_backward=recipe.step_in_backward,
+                                                  offload=recipe.offload_optimizer)
             scaler = precision.make_scaler(model.device, precision.compute_dtype(recipe.precision))
             if resumed:
                 start = restore_checkpoint(out, *resumed, model, optimizer, scaler)
@@ -528,7 +534,9 @@ def _steps(args: argparse.Namespace, recipe: Recipe, out: Path, model, tokenizer
     with (out / LOG).open("a") as log:
         steps.train_loop(model, optimizer, lambda step: batch_for_step(rows, step, args.batch, args.seed, tokenizer),
                          args.steps, start=start, on_step=after, around_step=measured,
-                         autocast_dtype=precision.compute_dtype(recipe.precision), scaler=scaler,
+                         autocast_dtype=precision.compute_dtype(recipe.precision),
+                         scaler=scaler if scaler.is_enabled() else None, accumulate=recipe.accumulate,
+                         chunked_loss=recipe.chunked_loss, offload_activations=recipe.offload_activations,
                          progress=not args.no_progress, desc=f"train {recipe}")
     final = out / ("adapter" if recipe.mode != "full" else "model")
     if recipe.mode == "full":
@@ -554,7 +562,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSON lines of {\"prompt\": ..., \"response\": ...}")
     p.add_argument("--out", required=True, help="the run folder (checkpoint, log, adapters); created if needed")
     p.add_argument("--steps", type=positive_int, default=100)
-    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--batch", type=positive_int, default=8,
+                   help="sequences per optimizer step (an accumN recipe runs them as N micro-batches)")
     p.add_argument("--max-tokens", type=positive_int, default=512, help="truncate examples to this many tokens")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=positive_int, default=16)

@@ -104,11 +104,11 @@ def measured_components(m: measure.Measurement) -> dict[str, int]:
 
 
 def predicted_components(e: Estimate) -> dict[str, int]:
-    """An estimate's breakdown on the same keys as ``measured_components`` (``host``: 0 where the
-    estimate has no host bytes)."""
+    """An estimate's breakdown on the same keys as ``measured_components`` (``host``: what it keeps
+    in host memory, ``Estimate.host_bytes``)."""
     b = e.bytes
     return {"weights": b["weights"], "gradients": b["gradients"], "optimizer": b["optimizer"],
-            "activations": b["activations"] + b["kv_cache"], "total": b["total"], "host": b.get("host", 0)}
+            "activations": b["activations"] + b["kv_cache"], "total": b["total"], "host": e.host_bytes["total"]}
 
 
 @dataclass(frozen=True)

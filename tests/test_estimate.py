@@ -447,3 +447,9 @@ def test_a_host_budget_keeps_out_what_it_cannot_hold():
     assert short.host_short is not None and short.host_short.estimate.host_bytes["total"] > 64 * GiB
     roomy = plan(LLAMA8, 23 * GiB, mode="full", batch=2, seq=2048, cpu_memory=256 * GiB)
     assert [o.recipe for o in roomy] == [o.recipe for o in unlimited]
+
+
+def test_the_estimator_chunks_the_loss_as_the_step_does():
+    from lowmem_course.estimate import CHUNK_TOKENS
+
+    assert CHUNK_TOKENS == steps.LOSS_CHUNK_TOKENS

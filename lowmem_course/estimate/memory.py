@@ -437,7 +437,7 @@ def model_states(model: str | Path | Any, setup: Setup) -> ModelStates:
     return _model_states(s, count(s), setup)
 
 
-CHUNK_TOKENS = 512  # tokens per chunk of the chunked loss (= ``steps.CHUNK_TOKENS``; a test checks it)
+CHUNK_TOKENS = 256  # tokens per chunk of the chunked loss (= ``steps.LOSS_CHUNK_TOKENS``; a test checks it)
 
 
 def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
@@ -511,12 +511,15 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     recompute = [saved[i] if setup.checkpointing == "full" else 0 for i in range(s.layers)]
     # what forward leaves for backward: on the device, or (offloaded) on the host, one layer's brought back
     left = sum(kept) + sum(copies) + head_copy + final
-    host_activations = left if setup.offload_activations else 0
+    # offloaded: what forward saved, and the loss's fp32 log-probabilities unless the loss is chunked
+    host_activations = left + (0 if setup.chunked_loss else logits) if setup.offload_activations else 0
     acts = 0 if setup.offload_activations else left
     here = [kept[i] + copies[i] if setup.offload_activations else 0 for i in range(s.layers)]
     g_head = grads(head + [s.hidden])
     phases = [
-        _Phase("loss backward", g_head if setup.chunked_loss else grads([]), acts + 3 * logits + gathered),
+        # chunked: the LM head's gradient builds up in autograd's buffer, one chunk after another
+        _Phase("loss backward", grads([]), acts + 3 * logits + gathered + (g_bytes * s.vocab * s.hidden
+                                                                            if setup.chunked_loss and full else 0)),
         _Phase("lm_head backward", g_head, acts + logits + (logits // 2 if t.compute == 2 else 0) + gathered),
         _Phase("top layer backward", grads(head + [s.hidden] + (layer_params(top) if one_at_a_time else [])),
                (acts - final - head_copy) + here[top] + recompute[top] + transient[top]),
@@ -536,7 +539,8 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     host = {"weights": trainable * 4 if setup.offload_optimizer else 0,
             "gradients": trainable * 4 if setup.offload_optimizer else 0,
             "optimizer": trainable * 8 if setup.offload_optimizer else 0, "activations": host_activations}
-    host["total"] = sum(host.values())
+    # the gradients reach the host as backward brings the activations back: the peak holds the larger
+    host["total"] = host["weights"] + host["optimizer"] + max(host["gradients"], host["activations"])
     return Estimate(model=name, setup=setup, parameters=n.total, active_parameters=n.active,
                     trainable_parameters=trainable, bytes=parts, peak_phase=peak.name, host_bytes=host)
 
