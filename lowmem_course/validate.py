@@ -147,8 +147,20 @@ def compare(name: str, setup: Setup, device: str | torch.device = "cpu") -> Comp
     return Comparison(model=name, setup=setup, predicted=predicted, measured=measured)
 
 
+TECHNIQUE_SETUPS = (  # every one-GPU technique token at least once (seq 128: in ``lowmem validate --quick``)
+    Setup(mode="full", precision="bf16-mixed", batch=2, seq=128, chunked_loss=True),
+    Setup(mode="full", precision="fp32", batch=2, seq=128, checkpointing="full", offload_activations=True),
+    Setup(mode="full", precision="bf16-mixed", batch=2, seq=128, offload_optimizer=True),
+    Setup(mode="full", precision="bf16", batch=2, seq=128, checkpointing="full", step_in_backward=True,
+          chunked_loss=True),
+    Setup(mode="lora", precision="bf16-mixed", batch=2, seq=128, checkpointing="full", offload_activations=True,
+          chunked_loss=True, accumulate=2),
+)
+
+
 def grid() -> list[tuple[str, Setup]]:
-    """The validation grid: 3 architectures x modes x precisions x checkpointing x 3 lengths."""
+    """The validation grid: 3 architectures x modes x precisions x checkpointing x 3 lengths, and
+    each training technique (``TECHNIQUE_SETUPS``)."""
     setups = []
     for seq in (64, 128, 256):
         setups += [Setup(mode="full", precision="fp32", batch=2, seq=seq),
@@ -156,7 +168,7 @@ def grid() -> list[tuple[str, Setup]]:
                    Setup(mode="full", precision="fp32", batch=2, seq=seq, checkpointing="full"),
                    Setup(mode="lora", precision="bf16-mixed", batch=2, seq=seq),
                    Setup(mode="inference", precision="bf16", batch=2, seq=seq)]
-    return [(name, s) for name in GRID_MODELS for s in setups]
+    return [(name, s) for name in GRID_MODELS for s in (*setups, *TECHNIQUE_SETUPS)]
 
 
 @contextlib.contextmanager

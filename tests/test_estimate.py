@@ -220,7 +220,8 @@ MEASURED = [
         Setup(mode="full", precision="bf16-mixed", batch=2, seq=128, attention="eager"),
     )
 ] + [(name, Setup(mode="inference", precision="bf16", batch=2, seq=256, attention="eager"))
-     for name in ("r1-distill-qwen-1.5b", "r1-distill-llama-8b")]
+     for name in ("r1-distill-qwen-1.5b", "r1-distill-llama-8b")
+] + [(name, setup) for name in validate.GRID_MODELS for setup in validate.TECHNIQUE_SETUPS]
 
 
 @pytest.mark.parametrize("name,setup", MEASURED, ids=[f"{n}-{validate.describe(s)}" for n, s in MEASURED])
