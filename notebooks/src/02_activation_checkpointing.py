@@ -169,17 +169,31 @@ for seq in SEQS:
 # %% [markdown]
 # ## 4 · Offloading to host memory
 #
-# `checkpointing.offloaded(device)` is `torch.autograd.graph.save_on_cpu`: whatever forward saves
-# is copied to host memory and copied back in backward. On a GPU this frees the accelerator; on a
-# CPU the host *is* the device, so here it can only show that the result is unchanged (on a GPU,
-# wrap the step in `measure.track` to see the device peak drop).
+# `checkpointing.offloaded(device)` keeps whatever forward saves for backward in host memory
+# (saved-tensor hooks, after torchtune's `OffloadActivations`; parameters and tensors under 1 KiB
+# stay): each saved tensor is copied to the host in forward and back in backward. On a GPU that
+# frees the accelerator. Here the host *is* the device, so the course hands offloaded tensors to a
+# host pool (`host.HOST`) that the tracker does not count as device memory: `measure.track` reports
+# device bytes and `host_peak_bytes` apart. The lines that matter:
+#
+# ```python
+# def pack(tensor):   return HOST.copy(tensor)            # forward: to the host
+# def unpack(copy):   return copy.to(device)              # backward: back, a new device tensor
+# with torch.autograd.graph.saved_tensors_hooks(pack, unpack): loss = model(...)
+# ```
 
 # %%
-with checkpointing.offloaded(device):
-    loss = checkpointing.causal_lm_loss(model, batch)
-loss.backward()
+with measure.track(model, label="on the device") as kept_here:
+    checkpointing.causal_lm_loss(model, batch).backward()
+model.zero_grad(set_to_none=True)
+with measure.track(model, label="offloaded") as kept_there:
+    with checkpointing.offloaded(device):
+        loss = checkpointing.causal_lm_loss(model, batch)
+    loss.backward()
 offload_error = max((p.grad - reference[n]).abs().max().item() for n, p in model.named_parameters())
 model.zero_grad(set_to_none=True)
+print(f"step peak on the device: {format_bytes(kept_here.peak_bytes)} -> {format_bytes(kept_there.peak_bytes)} "
+      f"offloaded; host peak {format_bytes(kept_there.host_peak_bytes)}")
 print(f"offloaded step on {device.type}: max |grad - none| {offload_error:.1e}")
 
 # %% [markdown]
@@ -343,7 +357,7 @@ for preserve in (True, False):
 # ## Exercises
 # 1. *(easy)* Add `"every-3"` and `"every-4"` to `POLICIES`. Plot kept bytes against k.
 # 2. *(medium)* Checkpoint the MLP and offload the rest: combine `enable(model, "mlp")` with
-#    `offloaded(device)`. What remains on the device? (Needs a GPU to see the difference.)
+#    `offloaded(device)`. What remains on the device, and what goes to the host?
 # 3. *(hard)* Find the chunk size at which `chunked_cross_entropy` stops saving memory for the
 #    1.5B's 151,936-token vocabulary at seq 4,096, using `measure.simulate`-style fake tensors.
 #
@@ -364,6 +378,7 @@ assert kept["full"] <= 0.12 * kept["none"]
 assert kept["full"] < kept["every-2"] < kept["none"] and kept["mlp"] < kept["attention"] < kept["none"]
 assert all(error < 1e-5 for error in grad_error.values())                   # same gradients, every policy
 assert offload_error < 1e-5                                                  # offload changes nothing but where
+assert kept_there.peak_bytes < kept_here.peak_bytes and kept_there.host_peak_bytes > 0  # ... the bytes live
 assert step_peak["full"].peak_bytes < step_peak["none"].peak_bytes
 for c, m in step_peak.items():                                               # estimator within 10% of the measure
     e = predicted[c].bytes

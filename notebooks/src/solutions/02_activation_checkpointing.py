@@ -14,6 +14,7 @@ from lowmem_course import lab
 device = lab.start()
 
 # %%
+import contextlib
 import itertools
 
 import matplotlib.pyplot as plt
@@ -71,72 +72,52 @@ for k in (2, 3, 4):  # between the share of layers kept whole and that share plu
 # %% [markdown]
 # ## Exercise 2
 # *(medium)* Checkpoint the MLP and offload the rest: combine `enable(model, "mlp")` with
-# `offloaded(device)`. What remains on the device? (Needs a GPU to see the difference.)
+# `offloaded(device)`. What remains on the device, and what goes to the host?
 #
-# On this CPU the host *is* the device, so `offloaded` moves nothing; we check that the
-# combination trains the same, and count with a saved-tensor hook the bytes that autograd saves
-# for backward: those are exactly what `offloaded` would copy to the host on a GPU.
+# `measure.track` reports the device peak and, apart, the peak of the host memory the offloaded
+# tensors took (`host_peak_bytes`), on this CPU as on a GPU.
 
 # %%
-def grads_of(policy: str, offload: bool) -> dict[str, torch.Tensor]:
+def measured_step(policy: str, offload: bool) -> tuple[measure.Measurement, dict[str, torch.Tensor]]:
     checkpointing.enable(model, policy)
-    if offload:
-        with checkpointing.offloaded(device):
+    with measure.track(model, label=f"{policy}{' + offload' if offload else ''}") as m:
+        with checkpointing.offloaded(device) if offload else contextlib.nullcontext():
             loss = checkpointing.causal_lm_loss(model, batch)
-    else:
-        loss = checkpointing.causal_lm_loss(model, batch)
-    loss.backward()
+        loss.backward()
     checkpointing.disable(model)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return grads
+    return m, grads
 
 
-reference = grads_of("none", offload=False)
-combined = grads_of("mlp", offload=True)
-combo_error = max((combined[n] - reference[n]).abs().max().item() for n in reference)
-
-saved = {}  # storage -> bytes, for the tensors autograd saves outside the checkpointed MLPs
-
-
-def count(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type != "meta":
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return t
-
-
-checkpointing.enable(model, "mlp")
-with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):  # where offloaded() would copy to the host
-    with measure.track(model) as mlp_only:
-        model.model(input_ids=batch)
-checkpointing.disable(model)
-param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-offloadable = sum(b for ptr, b in saved.items() if ptr not in param_ptrs)  # activations
-saved_weights = sum(b for ptr, b in saved.items() if ptr in param_ptrs)
+runs = {(policy, offload): measured_step(policy, offload)
+        for policy, offload in (("none", False), ("mlp", False), ("mlp", True))}
+reference = runs["none", False][1]
+combo_error = max((runs["mlp", True][1][n] - reference[n]).abs().max().item() for n in reference)
 params = sum(p.numel() * p.element_size() for p in model.parameters())
-print(f"mlp checkpointed + offloaded: max |grad - none| {combo_error:.1e}")
-print(f"activations kept with mlp checkpointing: {format_bytes(mlp_only.breakdown['activations'])} "
-      f"({mlp_only.breakdown['activations'] / kept_none:.0%} of none)")
-print(f"activation bytes autograd saves for backward (moved to host on a GPU): {format_bytes(offloadable)}")
-print(f"weights it also saves (copied to the host too, on a GPU): {format_bytes(saved_weights)} of {format_bytes(params)}")
-print(f"on a GPU the device keeps: parameters {format_bytes(params)}, their gradients, and one layer's "
-      f"recompute at a time")
+print(f"{'':<16}{'device peak':>12}{'host peak':>11}")
+for m, _ in runs.values():
+    print(f"{m.label:<16}{format_bytes(m.peak_bytes):>12}{format_bytes(m.host_peak_bytes):>11}")
+print(f"mlp checkpointed + offloaded: max |grad - none| {combo_error:.1e}; parameters {format_bytes(params)}")
 
 # %% [markdown]
 # - what remains on the device: the weights and gradients, plus, during backward, the tensors of
-#   the layer being processed (copied back from the host) and its MLP's recompute; the saved
-#   activations of every other layer sit in host memory
+#   the layer being processed (copied back from the host) and its MLP's recompute, and the loss's
+#   logits while the loss's backward runs; the saved activations of every other layer sit in host
+#   memory
 # - the checkpointed MLPs save only their inputs, so offloading moves the attention's saved
 #   tensors and the MLP inputs, not the MLP's large intermediates (those are recomputed)
 # - the price is PCIe traffic: two copies of every saved byte per step, hidden only when the
 #   copies overlap compute (pinned memory, which `offloaded` uses on CUDA)
-# - `save_on_cpu` copies *every* saved tensor, weights included: a host copy of the weights per
-#   step that buys no device memory (the weights stay on the device anyway)
+# - parameters are not offloaded: the weights stay on the device anyway (`save_on_cpu` copies
+#   them too, a host copy per step that buys no device memory)
 
 # %%
+mlp_here, mlp_offloaded = runs["mlp", False][0], runs["mlp", True][0]
 assert combo_error < 1e-5                                         # same gradients as no checkpointing
-assert kept[1] < mlp_only.breakdown["activations"] < kept_none    # selective: between full and none
-assert 0.8 < offloadable / mlp_only.breakdown["activations"] < 1.25  # the hook sees what the tracker kept
+assert mlp_offloaded.peak_bytes < mlp_here.peak_bytes < runs["none", False][0].peak_bytes
+assert mlp_offloaded.host_peak_bytes > 0 == mlp_here.host_peak_bytes
+assert mlp_offloaded.host_peak_bytes < mlp_here.breakdown["activations"] + mlp_here.breakdown["temporaries"]
 
 # %% [markdown]
 # ## Exercise 3
