@@ -138,9 +138,9 @@ class Comparison:
                                                       for v in self.component_errors().values())
 
 
-def compare(name: str, setup: Setup, device: str | torch.device = "cpu") -> Comparison:
-    """Estimate and measure ``setup`` on the grid twin of ``name``."""
-    cfg = grid_config(name)
+def compare(name: str, setup: Setup, device: str | torch.device = "cpu", config: Any = None) -> Comparison:
+    """Estimate and measure ``setup`` on the grid twin of ``name``, or on ``config`` (another twin of it)."""
+    cfg = grid_config(name) if config is None else config
     kind = "cpu" if torch.device(device).type == "cpu" else "cuda"
     predicted = predicted_components(estimate(cfg, replace(setup, device=kind)))
     measured = measured_components(measure_setup(cfg, setup, device))

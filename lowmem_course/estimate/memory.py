@@ -253,27 +253,46 @@ def _lora_casts(setup: Setup) -> bool:
     return setup.mode in ("lora", "qlora") and setup.precision != "fp32"
 
 
-def _lora_saved(s: Shape, moe: bool, setup: Setup, t: Dtypes) -> int:
-    """Bytes per token the adapters add: each saves A's output (rank r) and, under autocast, its input copy."""
+_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _lora_saved(s: Shape, moe: bool, setup: Setup, t: Dtypes, mlp: bool | None = None) -> int:
+    """Bytes per token the adapters add: each saves A's output (rank r) and, under autocast, its input copy.
+
+    ``mlp`` True counts the MLP's adapters only, False attention's only, None all of them.
+    """
     if setup.mode not in ("lora", "qlora"):
         return 0
     casts = _lora_casts(setup)
-    return sum((setup.lora_rank + (x.d_in if casts else 0)) * t.compute for x in lora_targets(s, moe))
+    return sum((setup.lora_rank + (x.d_in if casts else 0)) * t.compute for x in lora_targets(s, moe)
+               if mlp is None or x.name.endswith(_MLP_NAMES) == mlp)
 
 
-def layer_saved_per_token(s: Shape, layer: int, setup: Setup) -> int:
-    """Bytes per token that decoder layer ``layer`` keeps for the backward pass (no checkpointing)."""
+def _layer_halves(s: Shape, layer: int, setup: Setup) -> tuple[int, int]:
+    """Bytes per token decoder layer ``layer`` saves for backward: (attention half, MLP half).
+
+    The attention half is the input norm, attention and its adapters; the MLP half the
+    post-attention norm, the MLP (or router and experts) and its adapters. Backward runs the MLP
+    half first and frees what it saved before attention's backward starts.
+    """
     t = activation_dtypes(setup)
     moe = is_moe(s, layer)
     attn_consumers = 0 if _lora_casts(setup) else (2 if s.arch == "deepseek_v3" else 3)
     mlp_adapted = any(x.name.endswith("up_proj") for x in lora_targets(s, moe))
     mlp_consumers = 0 if _lora_casts(setup) and mlp_adapted else 2
     frozen = setup.mode != "full"
-    norms = (_norm(s.hidden, t.residual, attn_consumers, t, frozen)
-             + _norm(s.hidden, t.residual, mlp_consumers, t, frozen))
+    attention = (_norm(s.hidden, t.residual, attn_consumers, t, frozen) + _attention_saved(s, setup, t)
+                 + _lora_saved(s, moe, setup, t, mlp=False))
+    mlp = (_norm(s.hidden, t.residual, mlp_consumers, t, frozen) + _mlp_saved(s, moe, setup, t)
+           + _lora_saved(s, moe, setup, t, mlp=True))
     if moe and t.mixed:
-        norms += s.hidden * 4  # the router reads the norm's fp32 output itself
-    return norms + _attention_saved(s, setup, t) + _mlp_saved(s, moe, setup, t) + _lora_saved(s, moe, setup, t)
+        mlp += s.hidden * 4  # the router reads the norm's fp32 output itself
+    return attention, mlp
+
+
+def layer_saved_per_token(s: Shape, layer: int, setup: Setup) -> int:
+    """Bytes per token that decoder layer ``layer`` keeps for the backward pass (no checkpointing)."""
+    return sum(_layer_halves(s, layer, setup))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +463,10 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     """Predict the peak bytes per device of running ``model`` (a name, path or config) as ``setup``.
 
     Training peaks at one of a step's phases: the loss's backward (all activations, the logits
-    and two logits-sized gradients), the lm_head's, the top or bottom layer's backward, or the
+    and two logits-sized gradients), the loss's forward (under autocast: every layer's cached 16-bit
+    weights, checkpointing or not, and the logits in 16 and 32 bits), the lm_head's backward, a
+    layer's backward (the layers below it keep what they saved, the layers above have made their
+    gradients; its MLP's backward, then its attention's, ``_attention_backward_transient``), or the
     embedding's (all gradients). Inference holds the weights, the KV cache and one layer's
     temporaries. ``bytes`` gives the components at the peak phase (device bytes), ``host_bytes``
     what offloading keeps in host memory (its peak; zeros without offloading).
@@ -479,28 +501,48 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
             return [x.parameters for x in layer_linears(s, is_moe(s, i))] + [s.hidden]
         return [setup.lora_rank * d for x in lora_targets(s, is_moe(s, i)) for d in (x.d_in, x.d_out)]
 
-    def grads(params: list[int]) -> int:
-        """Gradient bytes alive once the tensors ``params`` have theirs: all of them, or the largest
-        when each is freed as it is made; all of the step's when accumulating."""
-        if setup.accumulate > 1 and not one_at_a_time:
-            return grad_total
+    def alive(total: int, largest: int) -> int:
+        """Gradient bytes alive once tensors of ``total`` elements (the largest of ``largest``) have
+        theirs: all of them, the largest alone when each is freed as it is made, all of the step's
+        when accumulating micro-batches."""
         if one_at_a_time:
-            return max(params, default=0) * g_bytes
-        return sum(params) * g_bytes // shard_g
+            return largest * g_bytes
+        if setup.accumulate > 1:
+            return grad_total
+        return total * g_bytes // shard_g
 
-    head = [s.vocab * s.hidden] if full and not s.tied else []
+    def mlp_params(i: int) -> list[int]:  # what the MLP's backward makes gradients for, before attention's
+        moe = is_moe(s, i)
+        if full:  # the post-attention norm, the MLP or the router, shared and routed experts
+            return [s.hidden] + [x.parameters for x in layer_linears(s, moe)
+                                 if x.name.endswith(_MLP_NAMES) or x.name == "router"]
+        return [setup.lora_rank * d for x in lora_targets(s, moe) if x.name.endswith(_MLP_NAMES)
+                for d in (x.d_in, x.d_out)]
+
     top, bottom = s.layers - 1, 0
     kinds = {is_moe(s, i): i for i in range(s.layers)}  # dense and MoE layers save alike within their kind
-    per_token = {moe: layer_saved_per_token(s, i, setup) for moe, i in kinds.items()}
-    saved = [per_token[is_moe(s, i)] * tokens for i in range(s.layers)]
-    copies = [0] * s.layers
-    head_copy = 0
+    half = {moe: _layer_halves(s, i, setup) for moe, i in kinds.items()}
+    saved = [sum(half[is_moe(s, i)]) * tokens for i in range(s.layers)]
+    mlp_saved = [half[is_moe(s, i)][1] * tokens for i in range(s.layers)]
+    ckpt = setup.checkpointing == "full"
+    copies, mlp_copies, o_copy, head_copy = [0] * s.layers, [0] * s.layers, 0, 0
     if full and t.mixed and not deepspeed:  # autocast's cached 16-bit weights, saved for backward
-        copies = [2 * sum(x.parameters for x in layer_linears(s, is_moe(s, i)) if x.count == 1 and x.name != "router")
-                  for i in range(s.layers)]
+        def copy_bytes(i: int, mlp: bool | None = None) -> int:
+            return 2 * sum(x.parameters for x in layer_linears(s, is_moe(s, i)) if x.count == 1 and x.name != "router"
+                           and (mlp is None or x.name.endswith(_MLP_NAMES) == mlp))
+        copies = [copy_bytes(i) for i in range(s.layers)]
+        mlp_copies = [copy_bytes(i, mlp=True) for i in range(s.layers)]
+        o_copy = 2 * next(x.parameters for x in layer_linears(s, False) if x.name == "o_proj")
         head_copy = 2 * s.vocab * s.hidden
+    # with checkpointing the forward saves no copy (autocast's cache goes when the forward ends): a
+    # layer's recompute casts its own weights again, which live until its backward has run
+    stack_copies, live_copies = ([0] * s.layers, copies) if ckpt else (copies, [0] * s.layers)
     inputs = [tokens * s.hidden * t.residual] * s.layers
-    kept = inputs if setup.checkpointing == "full" else saved
+    kept = inputs if ckpt else saved
+    if ckpt and _attention_kernel(s, setup) == "eager":
+        # eager's causal mask (batch x 1 x seq x seq, the residual dtype): every checkpointed layer
+        # keeps it, an argument of its recompute, until that layer's backward has run
+        kept[bottom] = kept[bottom] + setup.batch * setup.seq ** 2 * t.residual
     final = _norm(s.hidden, t.residual, 1, t) * tokens
     logits = min(tokens, CHUNK_TOKENS if setup.chunked_loss else tokens) * s.vocab * 4
     gathered = 0
@@ -508,30 +550,57 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     if full and setup.zero >= 3 and gpus > 1:
         gathered = max(n.per_layer) * 2
     transient = [_backward_transient(s, i, setup, tokens) + gathered for i in range(s.layers)]
-    recompute = [saved[i] if setup.checkpointing == "full" else 0 for i in range(s.layers)]
-    # what forward leaves for backward: on the device, or (offloaded) on the host, one layer's brought back
-    left = sum(kept) + sum(copies) + head_copy + final
+    attention_transient = _attention_backward_transient(s, setup, tokens) + gathered
+    # at the softmax's backward the MLP half and what attention's backward consumed are freed
+    # (and the copies of the MLP's weights and o_proj's)
+    freed = [mlp_saved[i] + _attention_consumed(s, setup, t) * tokens + mlp_copies[i] + o_copy
+             for i in range(s.layers)]
+    # the recompute's input norm saves the layer's input, already kept, when it needs no fp32 copy of it
+    reread = tokens * s.hidden * 4 if t.residual == 4 else 0
+    recompute = [saved[i] - reread if ckpt else 0 for i in range(s.layers)]
+    # what forward leaves for backward: on the device, or (offloaded) on the host, each layer's
+    # brought back for its backward
+    offload = setup.offload_activations
+    left = sum(kept) + sum(stack_copies) + head_copy + final
     # offloaded: what forward saved, and the loss's fp32 log-probabilities unless the loss is chunked
-    host_activations = left + (0 if setup.chunked_loss else logits) if setup.offload_activations else 0
-    acts = 0 if setup.offload_activations else left
-    here = [kept[i] + copies[i] if setup.offload_activations else 0 for i in range(s.layers)]
-    g_head = grads(head + [s.hidden])
+    host_activations = left + (0 if setup.chunked_loss else logits) if offload else 0
+    acts = 0 if offload else left
+    here = [kept[i] + stack_copies[i] if offload else 0 for i in range(s.layers)]
+    head_params = ([s.vocab * s.hidden] if full and not s.tied else []) + ([s.hidden] if full else [])
+    g_head = alive(sum(head_params), max(head_params, default=0))
+    # the forward's end: autocast's cache holds every layer's 16-bit weights until the forward ends
+    # (with checkpointing too), beside the logits (compute dtype), their fp32 copy and log-softmax
+    upcast = logits if t.compute != 4 else 0
+    forward = ((0 if offload else sum(kept) + final) + sum(copies) + head_copy + logits // 4 * t.compute
+               + upcast + logits)
+    # chunked: the LM head's gradient builds up in autograd's buffer, one chunk after another
+    head_buffer = g_bytes * s.vocab * s.hidden if setup.chunked_loss and full else 0
     phases = [
-        # chunked: the LM head's gradient builds up in autograd's buffer, one chunk after another
-        _Phase("loss backward", grads([]), acts + 3 * logits + gathered + (g_bytes * s.vocab * s.hidden
-                                                                            if setup.chunked_loss and full else 0)),
+        _Phase("loss backward", alive(0, 0), acts + 3 * logits + gathered + head_buffer),
+        _Phase("loss forward", alive(0, 0), forward + gathered),
         _Phase("lm_head backward", g_head, acts + logits + (logits // 2 if t.compute == 2 else 0) + gathered),
-        _Phase("top layer backward", grads(head + [s.hidden] + (layer_params(top) if one_at_a_time else [])),
-               (acts - final - head_copy) + here[top] + recompute[top] + transient[top]),
-        _Phase("bottom layer backward",
-               grads(head + [s.hidden] + [x for i in range(1, s.layers) for x in layer_params(i)]
-                     + (layer_params(bottom) if one_at_a_time else [])),
-               kept[bottom] + copies[bottom] + recompute[bottom] + transient[bottom]),
-        _Phase("embedding backward", grads([s.vocab * s.hidden] if full else []) if one_at_a_time else grad_total,
-               tokens * s.hidden * t.residual + gathered),
+    ]
+    # layer i's backward: the layers below keep their inputs (or what they saved), those above have
+    # made their gradients; first its MLP's backward, then its attention's (the MLP half freed)
+    below = 0 if offload else acts - final - head_copy
+    above, largest = sum(head_params), max(head_params, default=0)
+    for i in reversed(range(s.layers)):
+        where = "top layer" if i == top else "bottom layer" if i == bottom else f"layer {i}"
+        layer = below + here[i] + live_copies[i] + recompute[i]
+        own = max(layer_params(i)) if one_at_a_time else 0
+        mlp = mlp_params(i)
+        phases += [_Phase(f"{where} backward", alive(above, max(largest, own)), layer + transient[i]),
+                   _Phase(f"{where} attention backward", alive(above + sum(mlp), max(largest, own)),
+                          layer - freed[i] + attention_transient)]
+        below -= 0 if offload else kept[i] + stack_copies[i]
+        above += n.per_layer[i] if full else sum(layer_params(i))
+        largest = max(largest, own)
+    phases += [
+        _Phase("embedding backward", (s.vocab * s.hidden if full else largest) * g_bytes if one_at_a_time
+               else grad_total, tokens * s.hidden * t.residual + gathered),
     ]
     if setup.chunked_loss:  # the lm_head's backward runs inside each chunk's, in "loss backward"
-        phases.pop(1)
+        phases = [p for p in phases if p.name != "lm_head backward"]
     peak = max(phases, key=lambda p: p.gradients + p.activations)
     parts = {"weights": weights, "gradients": peak.gradients, "optimizer": 0 if setup.offload_optimizer else optimizer,
              "activations": peak.activations, "kv_cache": 0}
@@ -550,6 +619,41 @@ def _backward_transient(s: Shape, layer: int, setup: Setup, tokens: int) -> int:
     t = activation_dtypes(setup)
     inner = s.intermediate if not is_moe(s, layer) else s.moe_intermediate * (s.top_k + s.shared)
     return tokens * (3 * inner * t.compute + 2 * s.hidden * 4)
+
+
+def _attention_backward_transient(s: Shape, setup: Setup, tokens: int) -> int:
+    """Bytes alive only while one layer's attention backward runs the softmax's backward.
+
+    The math path and eager attention backpropagate through the s x s probabilities: the gradient
+    of the probabilities (dP = dO V^T) and the softmax's backward output (dS), both fp32 (the math
+    path computes in fp32 on CPU; eager's softmax runs in fp32 and its 16-bit dP is cast up before
+    the softmax's backward), 2 x heads x seq x 4 bytes per token beside the saved probabilities. A
+    fused kernel (flash) tiles them. Plus the residual stream's gradient and the values' (dV, every
+    head), fp32.
+    """
+    scores = 0 if _attention_kernel(s, setup) == "flash" else 2 * s.heads * setup.seq * 4
+    v = s.v_head_dim if s.arch == "deepseek_v3" else s.head_dim
+    return tokens * (scores + s.hidden * 4 + s.heads * v * 4)
+
+
+def _attention_consumed(s: Shape, setup: Setup, t: Dtypes) -> int:
+    """Bytes per token of attention's saved tensors freed before the softmax's backward runs.
+
+    By then o_proj's backward has used its input (the attention output) and dP = dO V^T the values
+    and (eager) the probabilities' 16-bit copy, so these are gone; a fused kernel (flash) needs all
+    of its inputs until its single backward ends. MLA's values are views of kv_b_proj's output
+    (its whole storage goes); the math path keeps its own fp32 copy of them too.
+    """
+    kernel = _attention_kernel(s, setup)
+    if kernel == "flash":
+        return 0
+    a = t.compute
+    probs_copy = s.heads * setup.seq * a if kernel == "eager" and a != 4 else 0
+    if s.arch != "deepseek_v3":  # the output and the values (eager repeats them to every head)
+        return 2 * s.heads * s.head_dim * a + probs_copy
+    out, kv_b = s.heads * s.v_head_dim * a, s.heads * (s.qk_nope + s.v_head_dim) * a
+    values = s.heads * s.v_head_dim * 4 if kernel == "math" else 0
+    return out + kv_b + values + probs_copy
 
 
 def kv_cache_per_token(s: Shape, element_bytes: int, tp: int = 1) -> int:

@@ -262,7 +262,9 @@ for name in family.MEMBERS:
           + f"{(e['none']['total'] - e['full']['total']) / GiB:>8,.0f}GiB{FULL_SEQ * real.vocab_size * 4 / GiB:>7.1f}GiB")
 
 # %% [markdown]
-# - the saving is the activations: about 12 GiB for the 1.5B at 4,096 tokens, tens of GiB above
+# - the saving is the activations: about 13 GiB for the 1.5B at 4,096 tokens, tens of GiB above
+#   (with checkpointing the 1.5B peaks at the forward's end: autocast's cache still holds every
+#   layer's 16-bit weights, 2.4 GiB, beside the logits)
 # - what remains is the model states (16 bytes per parameter), which sharding and LoRA/QLoRA attack
 # - for R1 (671B) the model states are the whole peak (16 bytes/param, about 10,000 GiB): the
 #   estimator's peak does not move with checkpointing
