@@ -232,16 +232,15 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _table(job: str, options: list[est.PlanOption], model: str) -> list[str]:
-    """The rows of one job's plan: cost, GiB per GPU by component (host GiB when any recipe offloads)
-    and the recipe, each with its command."""
+    """The rows of one job's plan: cost and GiB per GPU by component (host GiB when any recipe
+    offloads), then the recipe and the command that runs it, each on its own line (recipes are long)."""
     columns = COLUMNS[job]
     host = any(o.estimate.host_bytes["total"] for o in options)
-    rows = [f"{'cost':>5} " + " ".join(f"{HEADINGS[k]:>7}" for k in columns) + (f" {'host':>7}" if host else "")
-            + "  recipe"]
+    rows = [f"{'cost':>5} " + " ".join(f"{HEADINGS[k]:>7}" for k in columns) + (f" {'host':>7}" if host else "")]
     for o in options:
         rows.append(f"{o.cost:5.2f} " + " ".join(f"{o.estimate.bytes[k] / GiB:7.2f}" for k in columns)
-                    + (f" {o.estimate.host_bytes['total'] / GiB:7.2f}" if host else "") + f"  {o.recipe}")
-        rows.append(f"    {printable(o.command(model))}")
+                    + (f" {o.estimate.host_bytes['total'] / GiB:7.2f}" if host else ""))
+        rows += [f"    {o.recipe}", f"    {printable(o.command(model))}"]
     return rows
 
 

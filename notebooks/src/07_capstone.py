@@ -88,7 +88,8 @@ for b in BUDGETS:
           f"{len(plans[b.label])} options fit; the naive setup needs {naive_total / GiB:,.0f} GiB per GPU")
     for o in plans[b.label][:6]:
         mark = "->" if o is chosen[b.label] else "  "
-        print(f"  {mark} {o.recipe:<42} cost {o.cost:4.2f}  {o.total / GiB:6.2f} GiB   {'trainable here' if o.train_recipe else ''}")
+        print(f"  {mark} cost {o.cost:4.2f} {o.total / GiB:7.2f} GiB{'  trainable here' if o.train_recipe else ''}")
+        print(f"       {o.recipe}")
     print(f"     {chosen[b.label].command(b.model)}")
 
 # %% [markdown]
@@ -162,7 +163,8 @@ plt.show()
 # - data: teacher traces of subtraction (`lowmem_course.reasoning`), cut to 32 tokens, batch 8
 # - recipes: the three recipes the plans chose (T4, 7B, 70B), each divided by plain fp32 full fine-tuning
 # - `lowmem train` loads the frozen base in the recipe's dtype (fp16 for `lora+fp16-mixed`, bf16 for
-#   `lora+bf16-mixed+checkpointing`, NF4 for QLoRA: `recipe.base_weights`), the way the estimator assumes
+#   `lora+bf16-mixed`, NF4 for QLoRA: `recipe.base_weights`), the way the estimator assumes, and runs the
+#   recipe's techniques (checkpointing, offloaded activations, the chunked loss, the step in backward)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -175,9 +177,10 @@ for model in lab.progress(MODELS, desc="miniature runs"):
     ratios += r
 
 # %%
-print(f"{'model':<26} {'recipe / full':<31} {'estimated':>9} {'measured':>9} {'error':>7}")
+print(f"{'model':<26} {'estimated':>9} {'measured':>9} {'error':>7}  (recipe / full fine-tuning, below)")
 for r in ratios:
-    print(f"{r.model:<26} {r.recipe:<31} {r.predicted:9.3f} {r.measured:9.3f} {r.error:+7.1%}")
+    print(f"{r.model:<26} {r.predicted:9.3f} {r.measured:9.3f} {r.error:+7.1%}")
+    print(f"    {r.recipe}")
 worst_ratio = max(abs(r.error) for r in ratios)
 total_errors = {(m, r): predicted[m][r]["total"] / measured[m][r]["total"] - 1 for m in MODELS for r in measured[m]}
 worst_total = max(map(abs, total_errors.values()))
@@ -314,14 +317,15 @@ print(f"at full size on the T4, a bf16 checkpoint under fp16 autocast adds {t4_c
 # %%
 PEAK = {"1.5B on a T4": 65e12, "7B, seq 4096, 24 GB": 165e12, "70B on 2 x 80 GB": 312e12}
 hours, flops_of = {}, {}
-print(f"{'budget':<22} {'recipe':<31}{'operations':>11}{'GPU-hours':>11}{'6 x N x D':>11}")
+print(f"{'budget':<22}{'operations':>11}{'GPU-hours':>11}{'6 x N x D':>11}  (recipe below)")
 for b in BUDGETS[:3]:
     o = chosen[b.label]
     tokens = 10_000 * b.seq
     flops = capstone.train_flops(o.estimate.parameters, tokens, o.estimate.setup)
     hours[b.label] = flops / (0.4 * PEAK[b.label]) / 3600
     flops_of[b.label] = flops / (o.estimate.parameters * tokens)  # operations per parameter per token
-    print(f"{b.label:<22} {o.train_recipe:<31}{flops:>11.2e}{hours[b.label]:>11.1f}{6 * o.estimate.parameters * tokens:>11.2e}")
+    print(f"{b.label:<22}{flops:>11.2e}{hours[b.label]:>11.1f}{6 * o.estimate.parameters * tokens:>11.2e}")
+    print(f"    {o.train_recipe}")
 print("6 x N x D: full fine-tuning without checkpointing, 6 x parameters x tokens")
 
 # %% [markdown]
@@ -376,14 +380,14 @@ for b in BUDGETS:
     o = chosen[b.label]
     assert o is not None and o.total <= b.gpu_memory                                         # fits its budget
     assert capstone.naive(b).bytes["total"] > b.gpu_memory                                   # and the naive setup does not
-assert chosen["1.5B on a T4"].train_recipe == "lora+fp16-mixed"
-assert chosen["7B, seq 4096, 24 GB"].train_recipe == "lora+bf16-mixed+checkpointing"
-assert chosen["70B on 2 x 80 GB"].train_recipe == "qlora+bf16-mixed+checkpointing"
+assert chosen["1.5B on a T4"].train_recipe == "lora+fp16-mixed+chunked-loss"
+assert chosen["7B, seq 4096, 24 GB"].train_recipe == "lora+bf16-mixed+checkpointing+offload-activations+chunked-loss"
+assert chosen["70B on 2 x 80 GB"].train_recipe == "qlora+bf16-mixed+checkpointing+offload-activations+chunked-loss+step-in-backward"
 assert [o.recipe for o in plans["serve R1 on 8 x 80 GB"]] == ["inference+bf16+nf4-dq+experts+tp8"]  # R1: split + 4-bit experts
 assert r1_totals["inference+bf16+nf4-dq+tp8"] > serve.gpu_memory > r1_totals["inference+bf16+nf4-dq+experts+tp8"]
 assert r1_count.experts > 0.95 * r1_count.total
 assert cli.returncode == 0 and cli_fits[t4_choice.recipe] == t4_choice.total                 # CLI and API agree
-assert RECIPES == ["lora+fp16-mixed", "lora+bf16-mixed+checkpointing", "qlora+bf16-mixed+checkpointing"]     # the chosen recipes ran
+assert RECIPES == [chosen[b.label].train_recipe for b in BUDGETS[:3]]                      # the chosen recipes ran
 assert worst_ratio <= 0.10 and worst_total <= 0.10                                           # miniature within 10%
 assert first.returncode == 0 and "peak" in first.stdout and resumed.returncode == 0
 assert checkpoint_step(run_dir) == 8 and [s for s, _ in logged_steps(run_dir)] == list(range(1, 9))  # resumed to step 8
