@@ -84,13 +84,22 @@ def error_records(log_dir: Path) -> dict[int, str]:
 _RANK_EXIT = r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"  # one failure in torchrun's summary
 
 
+def _lost_its_peer(rank: int, stderr: str, records: dict[int, str] | None) -> bool:
+    """True when ``rank``'s error (its record, or what it printed) is gloo's "... by peer": a rank whose
+    peer died, not the rank that died first."""
+    said = (records or {}).get(rank, "") + "\n".join(re.findall(rf"^\[rank{rank}\]: (.+)$", stderr, re.MULTILINE))
+    return "by peer" in said
+
+
 def _failure(stderr: str, returncode: int, records: dict[int, str] | None = None) -> RankFailed:
     """The ``RankFailed`` for a torchrun job that exited with ``returncode``.
 
     torchrun's summary in ``stderr`` names the root-cause rank and its exit code (negative: killed by
     a signal): the first failure it observed. A rank that torchrun itself stopped (SIGTERM) is not the
     cause when another rank failed: a rank whose peer was killed can record its error ("connection
-    closed by peer") before torchrun notices the kill. Why it died: that rank's error record
+    closed by peer") before torchrun notices the kill, and torchrun may even name that rank, killed
+    after the failure, as the root cause: a rank whose error is "... by peer" is passed over for a
+    failed rank whose error is not. Why it died: that rank's error record
     (``error_records``) when it wrote one, else the last exception it printed (or an argument error,
     printed before ranks exist; never another rank's exception for a rank killed by a signal).
     """
@@ -99,8 +108,12 @@ def _failure(stderr: str, returncode: int, records: dict[int, str] | None = None
     if not match:
         return RankFailed(None, None, f"torchrun exited {returncode}: {stderr.strip()[-300:]}")
     rank, code = int(match.group(1)), int(match.group(2))
+    failed = [(int(r), int(c)) for r, c in re.findall(_RANK_EXIT, stderr, re.DOTALL)]
     if code == -signal.SIGTERM:  # stopped by torchrun after another rank failed: that one is the cause
-        others = [(int(r), int(c)) for r, c in re.findall(_RANK_EXIT, stderr, re.DOTALL) if int(c) != code]
+        others = [(r, c) for r, c in failed if c != code]
+        rank, code = others[0] if others else (rank, code)
+    if _lost_its_peer(rank, stderr, records):  # its peer's death broke its collective: the peer is the cause
+        others = [(r, c) for r, c in failed if r != rank and not _lost_its_peer(r, stderr, records)]
         rank, code = others[0] if others else (rank, code)
     how = f" ({signal.Signals(-code).name})" if -code in {s.value for s in signal.Signals} else ""
     printed = (re.findall(rf"^\[rank{rank}\]: (\w+(?:Error|Exception): .+)$", stderr, re.MULTILINE)

@@ -152,6 +152,16 @@ def test_a_killed_rank_is_the_cause_even_when_its_peer_recorded_an_error_first()
     assert shard._failure(alone, 1).rank == 0
 
 
+def test_a_rank_that_lost_its_peer_is_not_the_cause_even_when_torchrun_killed_it():
+    # seen in CI: torchrun named rank 0, killed (-9) after its collective broke, as the root cause
+    stderr = ("Failures:\n[1]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 8)\n"
+              "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
+              "  exitcode  : -9 (pid: 7)\n")
+    records = {0: "RuntimeError: [gloo] Read error: Connection reset by peer"}
+    err = shard._failure(stderr, 1, records)
+    assert (err.rank, err.exit_code, str(err)) == (1, -9, "rank 1 died with exit code -9 (SIGKILL) (torchrun exited 1)")
+
+
 def total_bytes(name, mode, n):
     """The estimated peak of ``name`` in ``mode`` on ``n`` GPUs (ZeRO-3 when sharded)."""
     precision = "bf16" if mode == "inference" else "bf16-mixed"
