@@ -49,6 +49,8 @@ STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER = "step-in-backward", "offload-optimizer"
 FLAGS = {CHECKPOINTING: "checkpointing", EXPERTS: "experts", OFFLOAD_ACTIVATIONS: "offload_activations",
          CHUNKED_LOSS: "chunked_loss", STEP_IN_BACKWARD: "step_in_backward",
          OFFLOAD_OPTIMIZER: "offload_optimizer"}  # token -> Recipe field, for the on/off tokens
+ONE_GPU_TECHNIQUES = (CHUNKED_LOSS, OFFLOAD_ACTIVATIONS, STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER)  # the on/off tokens that
+# trade speed or host memory for device memory on any number of GPUs
 QLORA_WEIGHTS = "nf4-dq"  # QLoRA's base: NF4 with double quantization (Dettmers et al., 2023)
 _ZERO = re.compile(r"zero([123])")
 _TP = re.compile(r"tp([1-9][0-9]*)")

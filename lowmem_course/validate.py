@@ -18,7 +18,7 @@ import torch
 
 from lowmem_course import family, measure, precision, steps
 from lowmem_course.estimate import Estimate, Setup, estimate
-from lowmem_course.recipe import base_weights
+from lowmem_course.recipe import FLAGS, ONE_GPU_TECHNIQUES, base_weights
 from lowmem_course.units import MiB
 
 TOLERANCE = 0.05  # on the total
@@ -79,14 +79,10 @@ def measure_setup(cfg: Any, setup: Setup, device: str | torch.device = "cpu") ->
     return measure.measure_train_step(model, optimizer, ids, label=label, step=step)
 
 
-_TECHNIQUES = {"chunked_loss": "chunked-loss", "offload_activations": "offload-activations",
-               "step_in_backward": "step-in-backward", "offload_optimizer": "offload-optimizer"}  # Setup field -> token
-
-
 def describe(setup: Setup) -> str:
     """A short label such as ``full bf16-mixed ckpt s=256``, or ``full fp32 offload-optimizer accum2 b=2 s=256``."""
     parts = [setup.mode, setup.precision] + ["ckpt"] * (setup.checkpointing == "full")
-    parts += [token for name, token in _TECHNIQUES.items() if getattr(setup, name)]
+    parts += [token for token in ONE_GPU_TECHNIQUES if getattr(setup, FLAGS[token])]
     parts += [f"accum{setup.accumulate}"] * (setup.accumulate > 1)
     return " ".join([*parts, f"b={setup.batch}", f"s={setup.seq}"])
 

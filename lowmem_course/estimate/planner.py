@@ -18,7 +18,7 @@ from lowmem_course.estimate.memory import (
     estimate,
     recipe_of,
 )
-from lowmem_course.recipe import RecipeError, base_weights
+from lowmem_course.recipe import FLAGS, ONE_GPU_TECHNIQUES, RecipeError, base_weights
 
 # Compute cost of each technique, rough published-order-of-magnitude factors used to rank, not to
 # predict time. Training relative to bf16 full fine-tuning (forward + backward = 6 x params x tokens),
@@ -95,8 +95,7 @@ def cost(setup: Setup) -> float:
 
 
 def _techniques(setup: Setup) -> int:
-    return sum(getattr(setup, t) for t in ("chunked_loss", "offload_activations", "step_in_backward",
-                                           "offload_optimizer"))
+    return sum(getattr(setup, FLAGS[token]) for token in ONE_GPU_TECHNIQUES)
 
 
 def variants(base: Setup) -> list[Setup]:
