@@ -194,9 +194,11 @@ def build(cfg: PretrainedConfig, device: str | torch.device = "cpu", dtype: torc
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a ``...ForCausalLM`` (``model.model.layers``); ``ValueError`` for another model."""
+    """The decoder layers of a ``...ForCausalLM`` (``model.model.layers``), inside a PEFT model too;
+    ``ValueError`` for another model."""
     import torch
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no model.layers: expected a transformers ...ForCausalLM")

@@ -46,19 +46,20 @@ OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 CHECKPOINTING, EXPERTS = "checkpointing", "experts"
 OFFLOAD_ACTIVATIONS, CHUNKED_LOSS = "offload-activations", "chunked-loss"
 STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER = "step-in-backward", "offload-optimizer"
+TILED_MLP = "tiled-mlp"
 FLAGS = {CHECKPOINTING: "checkpointing", EXPERTS: "experts", OFFLOAD_ACTIVATIONS: "offload_activations",
          CHUNKED_LOSS: "chunked_loss", STEP_IN_BACKWARD: "step_in_backward",
-         OFFLOAD_OPTIMIZER: "offload_optimizer"}  # token -> Recipe field, for the on/off tokens
-ONE_GPU_TECHNIQUES = (CHUNKED_LOSS, OFFLOAD_ACTIVATIONS, STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER)  # the on/off tokens that
-# trade speed or host memory for device memory on any number of GPUs
+         OFFLOAD_OPTIMIZER: "offload_optimizer", TILED_MLP: "tiled_mlp"}  # token -> Recipe field, on/off tokens
+# the on/off tokens that trade speed or host memory for device memory on any number of GPUs
+ONE_GPU_TECHNIQUES = (CHUNKED_LOSS, OFFLOAD_ACTIVATIONS, TILED_MLP, STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER)
 QLORA_WEIGHTS = "nf4-dq"  # QLoRA's base: NF4 with double quantization (Dettmers et al., 2023)
 _ZERO = re.compile(r"zero([123])")
 _TP = re.compile(r"tp([1-9][0-9]*)")
 _ACCUM = re.compile(r"accum([1-9][0-9]*)")
 KNOWN = (f"{'/'.join(MODES)}; {'/'.join(PRECISIONS)}; {'/'.join(WEIGHTS)}, {EXPERTS}; {CHECKPOINTING}; "
-         f"{OFFLOAD_ACTIVATIONS}; {CHUNKED_LOSS}; {'/'.join(OPTIMIZERS)}; {STEP_IN_BACKWARD}, {OFFLOAD_OPTIMIZER}; "
-         "accumN; zero1/zero2/zero3, tpN")
-TRAINING_ONLY = (CHECKPOINTING, OFFLOAD_ACTIVATIONS, CHUNKED_LOSS, STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER)
+         f"{OFFLOAD_ACTIVATIONS}; {CHUNKED_LOSS}; {TILED_MLP}; {'/'.join(OPTIMIZERS)}; {STEP_IN_BACKWARD}, "
+         f"{OFFLOAD_OPTIMIZER}; accumN; zero1/zero2/zero3, tpN")
+TRAINING_ONLY = (CHECKPOINTING, OFFLOAD_ACTIVATIONS, CHUNKED_LOSS, TILED_MLP, STEP_IN_BACKWARD, OFFLOAD_OPTIMIZER)
 
 
 class RecipeError(ValueError):
@@ -82,6 +83,7 @@ class Recipe:
     step_in_backward: bool = False  # the optimizer step fused into backward, one parameter at a time
     offload_optimizer: bool = False  # AdamW's state and step on the host
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    tiled_mlp: bool = False  # each layer's MLP run a tile of hidden-size tokens at a time (with checkpointing)
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
@@ -100,9 +102,12 @@ class Recipe:
                               "bf16 autocast (pure bf16 is for full fine-tuning)")
         if inference and (self.checkpointing or self.optimizer != "adamw" or self.zero or self.accumulate > 1
                           or self.offload_activations or self.chunked_loss or self.step_in_backward
-                          or self.offload_optimizer):
+                          or self.offload_optimizer or self.tiled_mlp):
             raise RecipeError(f"inference has no backward pass: no {', '.join(TRAINING_ONLY)}, optimizer, "
                               "accumN or ZeRO")
+        if self.tiled_mlp and not self.checkpointing and not inference:
+            raise RecipeError(f"{TILED_MLP} tiles the MLP inside checkpointed layers: add {CHECKPOINTING} (without it "
+                              "the layers' other activations still grow with the whole context)")
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise RecipeError(f"accumN needs N >= 1 micro-batches, got {self.accumulate!r}")
         if self.step_in_backward and self.offload_optimizer:
@@ -117,8 +122,9 @@ class Recipe:
         if self.offload_optimizer and self.optimizer != "adamw":
             raise RecipeError(f"{OFFLOAD_OPTIMIZER} keeps AdamW's fp32 state on the host: write it with adamw, "
                               f"not {self.optimizer}")
-        if (self.step_in_backward or self.offload_optimizer) and self.zero:
-            raise RecipeError(f"{STEP_IN_BACKWARD} and {OFFLOAD_OPTIMIZER} are modelled on one GPU, not with ZeRO")
+        if (self.step_in_backward or self.offload_optimizer or self.tiled_mlp) and self.zero:
+            raise RecipeError(f"{STEP_IN_BACKWARD}, {OFFLOAD_OPTIMIZER} and {TILED_MLP} are modelled on one GPU, "
+                              "not with ZeRO")
         if self.weights and self.mode in ("full", "lora"):
             raise RecipeError(f"{self.mode} trains a 16/32-bit model: a quantized base ({self.weights}) is qlora")
         if self.experts and not (inference and self.weights in FOUR_BIT):
@@ -174,6 +180,7 @@ class Recipe:
             parts.append(self.weights)
         parts += [EXPERTS] * self.experts + [CHECKPOINTING] * self.checkpointing
         parts += [OFFLOAD_ACTIVATIONS] * self.offload_activations + [CHUNKED_LOSS] * self.chunked_loss
+        parts += [TILED_MLP] * self.tiled_mlp
         if self.optimizer != "adamw":
             parts.append(self.optimizer)
         parts += [OFFLOAD_OPTIMIZER] * self.offload_optimizer + [STEP_IN_BACKWARD] * self.step_in_backward

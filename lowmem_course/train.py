@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowmem_course import family, integrity, measure, optimizers, precision, steps
+from lowmem_course import checkpointing, family, integrity, measure, optimizers, precision, steps
 from lowmem_course.cmdline import Parser, check_out_folder, one_line, positive_int
 from lowmem_course.recipe import Recipe
 
@@ -190,8 +190,12 @@ def _with_recipe(path: Path, recipe: Recipe, lora_rank: int, seed: int) -> torch
     if recipe.mode == "full":
         if recipe.checkpointing:
             model.activation_checkpointing_enable()
-        return model
-    return quantize.add_lora(model, rank=lora_rank, alpha=2 * lora_rank, checkpointing=recipe.checkpointing, seed=seed)
+    else:
+        model = quantize.add_lora(model, rank=lora_rank, alpha=2 * lora_rank, checkpointing=recipe.checkpointing,
+                                  seed=seed)
+    if recipe.tiled_mlp:
+        checkpointing.tile_mlp(model)
+    return model
 
 
 def trainable(recipe: Recipe, batch: int) -> Recipe:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lowmem_course import family, measure, precision, steps
+from lowmem_course import checkpointing, family, measure, precision, steps
 from lowmem_course.estimate import Estimate, Setup, estimate
 from lowmem_course.recipe import FLAGS, ONE_GPU_TECHNIQUES, base_weights
 from lowmem_course.units import MiB
@@ -54,6 +54,8 @@ def build_for(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> tor
         lora = LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, lora_dropout=0.0,
                           target_modules=family.lora_modules(model))
         model = get_peft_model(model, lora)
+    if setup.tiled_mlp:
+        checkpointing.tile_mlp(model)
     return model.train()
 
 
@@ -151,6 +153,7 @@ TECHNIQUE_SETUPS = (  # every one-GPU technique token at least once (seq 128: in
           chunked_loss=True),
     Setup(mode="lora", precision="bf16-mixed", batch=2, seq=128, checkpointing="full", offload_activations=True,
           chunked_loss=True, accumulate=2),
+    Setup(mode="full", precision="fp32", batch=2, seq=128, checkpointing="full", tiled_mlp=True),
 )
 
 

@@ -166,3 +166,64 @@ def test_chunked_cross_entropy_bad_input(kwargs, message):
     args = dict(hidden=torch.zeros(4, 2), head=torch.zeros(5, 2), labels=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=message):
         checkpointing.chunked_cross_entropy(**{**args, **kwargs})
+
+
+# ---- the tiled MLP ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["r1-distill-llama-8b", "r1"])  # a SwiGLU MLP and a MoE block
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_a_tiled_mlp_gives_the_same_gradients(name, policy):
+    model = _twin(name)
+    ids = steps.random_batch(model.config.vocab_size, 2, 80)  # 160 tokens: tiles of 64, the last one short
+    reference = _grads(model, ids)
+    checkpointing.enable(model, policy)
+    checkpointing.tile_mlp(model)
+    got = _grads(model, ids)
+    assert got.keys() == reference.keys()
+    for n in reference:
+        torch.testing.assert_close(got[n], reference[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_a_tiled_mlp_steps_each_parameter_once_with_its_whole_gradient():
+    from lowmem_course import optimizers
+
+    model = _twin("r1-distill-llama-8b")
+    checkpointing.enable(model, "full")
+    checkpointing.tile_mlp(model)
+    steps_seen: dict[str, int] = {}
+
+    def seen(name: str) -> None:
+        steps_seen[name] = steps_seen.get(name, 0) + 1
+
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: seen(name))
+    optimizer = optimizers.make_optimizer(model, "adamw", step_in_backward=True)
+    ids = steps.random_batch(model.config.vocab_size, 1, 200)  # 4 tiles of 64 tokens
+    steps.train_step(model, optimizer, ids)
+    assert set(steps_seen.values()) == {1}  # one accumulation per parameter: the tiles' gradients summed first
+
+
+def test_a_tiled_mlp_holds_one_tiles_intermediates():
+    model = _twin("r1-distill-llama-8b", vocab_size=256, intermediate_size=1024)
+    ids = steps.random_batch(model.config.vocab_size, 1, 2048)
+    checkpointing.enable(model, "full")
+    peaks = {}
+    for tiled in (False, True):
+        if tiled:
+            checkpointing.tile_mlp(model)
+        with measure.track(model) as m:
+            checkpointing.causal_lm_loss(model, ids).backward()
+        model.zero_grad(set_to_none=True)
+        peaks[tiled] = m.breakdown["activations"] + m.breakdown["temporaries"]
+    widest = 2048 * 1024 * 4  # one of the untiled MLP's fp32 intermediates (tokens x intermediate size)
+    assert peaks[False] - peaks[True] > 3 * widest
+
+
+def test_evaluation_runs_the_mlp_untiled():
+    model = _twin("r1-distill-llama-8b")
+    ids = steps.random_batch(model.config.vocab_size, 1, 100)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        checkpointing.tile_mlp(model)
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=0, atol=0)

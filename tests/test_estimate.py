@@ -31,6 +31,7 @@ from lowmem_course.estimate import (
     shortfall,
     variants,
 )
+from lowmem_course.recipe import Recipe, RecipeError
 from lowmem_course.units import GiB, MiB
 
 QWEN = "r1-distill-qwen-1.5b"
@@ -231,6 +232,20 @@ def test_estimate_matches_measurement_on_tiny_twins(name, setup):
     for key, err in c.component_errors().items():
         assert abs(err) <= 0.10, (key, c.predicted, c.measured)
     assert c.measured["total"] > 2 * MiB
+
+
+def test_a_tiled_mlp_is_estimated_where_a_layers_backward_holds_the_peak():
+    """A Llama twin with a wide MLP (1024) and a 256-token vocabulary at 2,048 tokens: without tiling, the
+    MLP's intermediates set the peak; tiled, one tile's do, beside two sets of the MLP's gradients (the
+    tiles' sum and a tile's own)."""
+    cfg = family.tiny("r1-distill-llama-8b", vocab_size=256, intermediate_size=1024)
+    setup = Setup(mode="full", precision="fp32", batch=1, seq=2048, checkpointing="full", chunked_loss=True,
+                  tiled_mlp=True, device="cpu")
+    c = validate.compare("r1-distill-llama-8b", setup, "cpu", config=cfg)
+    assert c.predicted["total"] < c.measured["total"] * 1.05 and c.predicted["total"] > c.measured["total"] * 0.95
+    assert estimate(cfg, setup).peak_phase == "bottom layer backward"
+    untiled = validate.compare("r1-distill-llama-8b", replace(setup, tiled_mlp=False), "cpu", config=cfg)
+    assert c.measured["activations"] < untiled.measured["activations"] / 5
 
 
 def test_validate_measures_each_training_technique_with_its_host_bytes():
@@ -459,6 +474,35 @@ def test_plans_for_torchtunes_8b_jobs_are_at_or_below_its_published_peaks(mode, 
     RTX 4090): full fine-tuning 18.9 GiB, QLoRA 7.4 GiB. The plan's leanest row is at or below."""
     options = plan(LLAMA8, 23 * GiB, mode=mode, batch=2, seq=2048)
     assert options and min(o.estimate.bytes["total"] for o in options) <= published * GiB
+
+
+def test_unsloths_8b_qlora_context_on_a_24_gb_card_fits_with_the_tiled_mlp():
+    """Unsloth's README / blog (unsloth.ai/blog/llama3-3): Llama 3.1 8B, 4-bit QLoRA of every linear layer at
+    rank 32, batch 1, 78,475 tokens on a 24 GB card. Without tiling the MLP, nothing fits; with it, the plan does."""
+    from lowmem_course import gpus
+
+    budget = gpus.gpu("rtx-4090").usable
+    job = Setup(mode="qlora", precision="bf16-mixed", optimizer="adamw8bit", batch=1, seq=78_475, lora_rank=32,
+                checkpointing="full", chunked_loss=True, offload_activations=True)
+    assert estimate(LLAMA8, job).bytes["total"] > budget
+    tiled = estimate(LLAMA8, replace(job, tiled_mlp=True))
+    assert tiled.bytes["total"] <= budget and tiled.peak_phase.endswith("backward")
+    options = plan(LLAMA8, budget, mode="qlora", batch=1, seq=78_475)
+    assert options and options[0].estimate.setup.tiled_mlp
+
+
+def test_a_tiled_mlp_needs_checkpointing_and_saves_one_tile():
+    with pytest.raises(ValueError, match="needs checkpointing='full'"):
+        Setup(mode="lora", tiled_mlp=True)
+    with pytest.raises(RecipeError, match="add checkpointing"):
+        Recipe.parse("lora+bf16-mixed+tiled-mlp")
+    assert str(Recipe.parse("lora+bf16-mixed+checkpointing+tiled-mlp")) == "lora+bf16-mixed+checkpointing+tiled-mlp"
+    lora = Setup(mode="lora", precision="bf16-mixed", batch=1, seq=32_768, checkpointing="full", chunked_loss=True,
+                 offload_activations=True)
+    tiled = estimate(LLAMA8, replace(lora, tiled_mlp=True))
+    assert tiled.bytes["activations"] < estimate(LLAMA8, lora).bytes["activations"] / 2
+    assert recipe_of(tiled.setup).tiled_mlp and cost(tiled.setup) > cost(lora)
+    assert not any(v.tiled_mlp for v in variants(replace(lora, checkpointing="none")))
 
 
 def test_a_host_budget_keeps_out_what_it_cannot_hold():

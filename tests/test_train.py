@@ -192,7 +192,7 @@ def final_loss(data: Path, out: Path, recipe: str, *extra: str) -> float:
 
 
 TECHNIQUES = ("chunked-loss", "checkpointing+offload-activations", "step-in-backward", "offload-optimizer", "accum2",
-              "accum4+chunked-loss")
+              "accum4+chunked-loss", "checkpointing+tiled-mlp")
 
 
 @pytest.mark.slow

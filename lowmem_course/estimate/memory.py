@@ -7,7 +7,7 @@ prefill temporaries of inference. Bytes, always.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,7 +24,9 @@ from lowmem_course.estimate.config import (
     shape_of,
 )
 from lowmem_course.recipe import (
+    FLAGS,
     MODES,
+    ONE_GPU_TECHNIQUES,
     OPTIMIZERS,
     PRECISIONS,
     WEIGHTS,
@@ -72,7 +74,8 @@ class Setup:
     logits a chunk of tokens at a time; ``offload_activations`` keeps what backward needs (with
     checkpointing: the layers' inputs) in host memory; ``step_in_backward`` steps each parameter as
     its gradient is made and frees the gradient; ``offload_optimizer`` keeps AdamW's state, and
-    steps, on the host.
+    steps, on the host; ``tiled_mlp`` (with full checkpointing) runs each MLP a tile of
+    ``hidden`` tokens at a time, saving only its input.
     """
 
     mode: Mode = "full"
@@ -93,6 +96,7 @@ class Setup:
     offload_activations: bool = False
     step_in_backward: bool = False
     offload_optimizer: bool = False
+    tiled_mlp: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
@@ -113,10 +117,11 @@ class Setup:
         if self.batch % self.accumulate:
             raise ValueError(f"accumulate ({self.accumulate}) must divide the batch ({self.batch}) into equal "
                              "micro-batches")
-        training_only = [name for name in ("chunked_loss", "offload_activations", "step_in_backward",
-                                           "offload_optimizer") if getattr(self, name)]
+        training_only = [FLAGS[token] for token in ONE_GPU_TECHNIQUES if getattr(self, FLAGS[token])]
         if self.mode == "inference" and (training_only or self.accumulate > 1):
             raise ValueError(f"{', '.join(training_only) or 'accumulate'} applies to training, not inference")
+        if self.tiled_mlp and self.mode != "inference" and self.checkpointing != "full":
+            raise ValueError("tiled_mlp tiles the MLP inside checkpointed layers: needs checkpointing='full'")
         if self.weights and self.weights.endswith(EXPERTS_SUFFIX) and self.mode != "inference":
             raise ValueError(f"weights={self.weights!r} is for inference only: training would save every "
                              "layer's dequantized experts for backward")
@@ -287,7 +292,23 @@ def _layer_halves(s: Shape, layer: int, setup: Setup) -> tuple[int, int]:
            + _lora_saved(s, moe, setup, t, mlp=True))
     if moe and t.mixed:
         mlp += s.hidden * 4  # the router reads the norm's fp32 output itself
+    if setup.tiled_mlp:  # the tiled MLP saves its input, the norm's output as it is; the rest lives in a tile
+        mlp = _norm(s.hidden, t.residual, 0, t, frozen) + s.hidden * t.residual
     return attention, mlp
+
+
+def tile_tokens(s: Shape, tokens: int) -> int:
+    """Tokens of one tile of a tiled MLP (``Setup.tiled_mlp``): the hidden size (ALST's rule), at most ``tokens``."""
+    return min(tokens, s.hidden)
+
+
+def _tile_saved_per_token(s: Shape, layer: int, setup: Setup) -> int:
+    """Bytes per token that one tile of layer ``layer``'s tiled MLP saves while its backward runs:
+    what the MLP half saves untiled, but the norm's own tensors and (without autocast) its output,
+    which is the tile's input."""
+    t = activation_dtypes(setup)
+    untiled = _layer_halves(s, layer, replace(setup, tiled_mlp=False))[1]
+    return untiled - _norm(s.hidden, t.residual, 0, t, setup.mode != "full") - (0 if t.mixed else s.hidden * t.residual)
 
 
 def layer_saved_per_token(s: Shape, layer: int, setup: Setup) -> int:
@@ -367,7 +388,7 @@ def recipe_of(setup: Setup) -> Recipe:
                   checkpointing=setup.checkpointing == "full", zero=setup.zero, accumulate=setup.accumulate,
                   chunked_loss=setup.chunked_loss, offload_activations=setup.offload_activations,
                   step_in_backward=setup.step_in_backward, offload_optimizer=setup.offload_optimizer,
-                  tensor_parallel=setup.gpus if setup.parallel == "tensor" else 1,
+                  tiled_mlp=setup.tiled_mlp, tensor_parallel=setup.gpus if setup.parallel == "tensor" else 1,
                   weights=weights if weights in WEIGHTS else None,
                   experts=bool(setup.weights and setup.weights.endswith(EXPERTS_SUFFIX)))
 
@@ -389,7 +410,7 @@ def setup_of(recipe: Recipe | str, batch: int = 1, seq: int = 1024, gpus: int | 
                  weights=weights, attention=attention, device=device,
                  parallel="tensor" if r.tensor_parallel > 1 else "data", accumulate=r.accumulate,
                  chunked_loss=r.chunked_loss, offload_activations=r.offload_activations,
-                 step_in_backward=r.step_in_backward, offload_optimizer=r.offload_optimizer)
+                 step_in_backward=r.step_in_backward, offload_optimizer=r.offload_optimizer, tiled_mlp=r.tiled_mlp)
 
 
 def adapter_parameters(s: Shape, rank: int) -> int:
@@ -589,9 +610,14 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
         layer = below + here[i] + live_copies[i] + recompute[i]
         own = max(layer_params(i)) if one_at_a_time else 0
         mlp = mlp_params(i)
-        phases += [_Phase(f"{where} backward", alive(above, max(largest, own)), layer + transient[i]),
-                   _Phase(f"{where} attention backward", alive(above + sum(mlp), max(largest, own)),
-                          layer - freed[i] + attention_transient)]
+        grads = alive(above, max(largest, own))
+        if setup.tiled_mlp and mlp:
+            # a tile's backward makes the MLP's parameter gradients beside the tiles' sum of them: two sets
+            tiles = 2 * sum(mlp) * g_bytes
+            grads = max(grads, tiles) if one_at_a_time else grads + tiles
+        phases.append(_Phase(f"{where} backward", grads, layer + transient[i]))
+        phases.append(_Phase(f"{where} attention backward", alive(above + sum(mlp), max(largest, own)),
+                             layer - freed[i] + attention_transient))
         below -= 0 if offload else kept[i] + stack_copies[i]
         above += n.per_layer[i] if full else sum(layer_params(i))
         largest = max(largest, own)
@@ -615,9 +641,15 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
 
 
 def _backward_transient(s: Shape, layer: int, setup: Setup, tokens: int) -> int:
-    """Bytes alive only while one layer's backward runs: gradients of the widest intermediates."""
+    """Bytes alive only while one layer's backward runs: gradients of the widest intermediates.
+
+    A tiled MLP has them for one tile, beside that tile's recomputed activations (``_tile_saved_per_token``).
+    """
     t = activation_dtypes(setup)
     inner = s.intermediate if not is_moe(s, layer) else s.moe_intermediate * (s.top_k + s.shared)
+    if setup.tiled_mlp:
+        tile = tile_tokens(s, tokens)
+        return tile * (3 * inner * t.compute + _tile_saved_per_token(s, layer, setup)) + tokens * 2 * s.hidden * 4
     return tokens * (3 * inner * t.compute + 2 * s.hidden * 4)
 
 

@@ -24,16 +24,22 @@ from lowmem_course.recipe import FLAGS, ONE_GPU_TECHNIQUES, RecipeError, base_we
 # predict time. Training relative to bf16 full fine-tuning (forward + backward = 6 x params x tokens),
 # inference relative to serving the bf16 model from one GPU: the two are never ranked together.
 COST = {"full": 1.0, "lora": 0.7, "qlora": 0.85, "inference": 1.0, "checkpointing": 1.33, "fp32": 2.0,
-        "zero": 1.1, "tensor": 1.1, "offload_optimizer": 1.2, "accumulate": 1.02}
+        "zero": 1.1, "tensor": 1.1, "offload_optimizer": 1.2, "accumulate": 1.02, "tiled_mlp": 1.19}
 # The chunked loss, activation offloading and the step in backward cost about nothing: torchtune's README
 # ("Optimization flags", Llama 3.2 3B on an A100) measured 8998 -> 9174 tokens/s adding the chunked loss,
 # 7210 -> 7309 fusing the step into backward, 7309 -> 7301 offloading activations. AdamW on the host:
 # torchao's CPUOffloadOptimizer benchmark, 1.27 -> 1.52 s per step (x 1.2). Micro-batches: smaller matmuls
-# (a tie-breaker, not measured here).
+# (a tie-breaker, not measured here). The tiled MLP runs each MLP forward a third time (forward, the
+# layer's recompute, the tile's): checkpointing costs 4 forward-units a layer (forward, recompute,
+# backward = 2), and the MLP holds about 3/4 of a distill's layer FLOPs, so 4.75 / 4 = 1.19.
 TECHNIQUES: tuple[tuple[str, ...], ...] = (
     (), ("chunked_loss",), ("chunked_loss", "offload_activations"), ("chunked_loss", "step_in_backward"),
     ("chunked_loss", "offload_activations", "step_in_backward"), ("chunked_loss", "offload_optimizer"),
-    ("chunked_loss", "offload_activations", "offload_optimizer"))  # the sets ``variants`` tries on a training setup
+    ("chunked_loss", "offload_activations", "offload_optimizer"), ("chunked_loss", "tiled_mlp"),
+    ("chunked_loss", "offload_activations", "tiled_mlp"),
+    ("chunked_loss", "offload_activations", "tiled_mlp", "step_in_backward"),
+    ("chunked_loss", "offload_activations", "tiled_mlp", "offload_optimizer"),
+)  # the sets ``variants`` tries on a training setup
 COST_BASELINE = {"training": "bf16 full fine-tuning", "inference": "serving bf16 weights from one GPU"}
 DEFAULT_PRECISIONS = ("bf16-mixed", "bf16")  # what ``plan`` tries unless told: GPUs with bf16
 DEFAULT_SEQ = 4096  # tokens per sequence unless told: room for a reasoning model's thinking
@@ -91,6 +97,8 @@ def cost(setup: Setup) -> float:
         cost *= COST["offload_optimizer"]
     if setup.mode != "inference" and setup.accumulate > 1:
         cost *= COST["accumulate"]
+    if setup.mode != "inference" and setup.tiled_mlp:
+        cost *= COST["tiled_mlp"]
     return cost
 
 
@@ -108,8 +116,9 @@ def variants(base: Setup) -> list[Setup]:
     splits = sorted({base.batch // m for m in (2**k for k in range(base.batch.bit_length())) if base.batch % m == 0})
     out = []
     for techniques in TECHNIQUES:
-        if "offload_activations" in techniques and base.checkpointing == "none":
-            continue  # every activation would cross PCIe each step; torchtune refuses it too
+        if {"offload_activations", "tiled_mlp"} & set(techniques) and base.checkpointing == "none":
+            continue  # every activation would cross PCIe each step (torchtune refuses it too); tiles go in
+            # checkpointed layers
         for accumulate in splits:
             setup = replace(base, accumulate=accumulate, **dict.fromkeys(techniques, True))
             try:
