@@ -4,7 +4,7 @@
 # The job: fine-tune R1-Distill-Llama-8B (the Llama-3.1-8B shape) on batches of 2 × 2,048 tokens
 # on one 24 GB RTX 4090, by full fine-tuning, LoRA or QLoRA. Notebook 02 shrank the activations
 # and the loss, but full fine-tuning still needs the model states: weights, gradients and AdamW's
-# two moments, about 45 GiB in bf16. Until the techniques of this notebook, `lowmem plan` answered
+# two moments, about 60 GiB even in pure bf16. Until the techniques of this notebook, `lowmem plan` answered
 # "nothing fits" for it. Three more techniques work on the optimizer side, and together with 02's
 # they make a lean one-GPU plan.
 #
@@ -172,9 +172,9 @@ print(f"gradients at the peak: {short_plain['gradients'] / MiB:.2f} MiB -> {shor
 print(f"device peak: {short_plain['total'] / MiB:.2f} MiB -> {short_sib['total'] / MiB:.2f} MiB")
 
 # %% [markdown]
-# - at its peak the step in backward holds no finished gradient: each was stepped and freed; the
-#   one being made (the LM head's) is counted among the activations, the estimator charges the
-#   largest one as a gradient
+# - at its peak the tracker sees no finished gradient: each was stepped and freed as soon as it
+#   was whole. The peak falls while the largest one, the LM head's, is being made: the estimator
+#   counts it as a gradient, the tracker among the activations, and the totals agree
 # - at 256 tokens the loss's chunk is the peak, before any gradient: the step in backward saves nothing
 #   there, the lesson of the 8B's plain row again
 
@@ -268,7 +268,7 @@ for label, seconds in step_seconds.items():
 #
 # | torchtune, Llama 3.2 3B, one A100 ("Optimization flags" table) | tokens/s |
 # |---|---|
-# | compiled, packed baseline | 8,998 |
+# | the row before the chunked loss | 8,998 |
 # | + chunked cross-entropy | 9,174 |
 # | + activation checkpointing | 7,210 |
 # | + optimizer step in backward | 7,309 |
@@ -344,7 +344,7 @@ print(f"our longest context at rank 32 is {longest[32] / UNSLOTH:.0%} of Unsloth
 # %%
 cards = sorted(gpus.GPUS.values(), key=lambda g: g.usable)
 print(f"{'model':<22}" + "".join(f"{mode:>18}" for mode in TORCHTUNE) + "   (card, host GiB)")
-smallest = {}
+smallest, host_needed = {}, {}
 for name in family.MEMBERS:
     fields = family.config(name)
     cells = []
@@ -355,6 +355,7 @@ for name in family.MEMBERS:
         fit = next(((g, e) for g in cards for e in options
                     if e.setup.precision in g.precisions and e.bytes["total"] <= g.usable), None)
         smallest[name, mode] = fit[0].name if fit else None
+        host_needed[name, mode] = fit[1].host_bytes["total"] if fit else None
         cells.append(f"{fit[0].name} ({fit[1].host_bytes['total'] / GiB:,.0f})" if fit else "no single GPU")
     print(f"{name:<22}" + "".join(f"{cell:>18}" for cell in cells))
 
@@ -503,8 +504,9 @@ assert leanest["qlora"].estimate.bytes["total"] <= TORCHTUNE["qlora"] * GiB     
 assert leanest["full"].estimate.bytes["total"] <= TORCHTUNE["full"] * GiB
 assert short.seq == longest[16] and 0.95 * longest[16] < longest[32] <= longest[16]  # rank barely matters
 assert smallest["r1-distill-llama-8b", "full"] is not None and smallest["r1", "qlora"] is None
-assert smallest["r1-distill-qwen-14b", "qlora"] == "t4" and smallest["r1-distill-llama-70b", "qlora"] == "a100-40gb"
-assert smallest["r1-distill-llama-70b", "full"] == "h200"
+assert smallest["r1-distill-qwen-14b", "qlora"] == "t4" != smallest["r1-distill-qwen-32b", "qlora"]     # T4 up to 14B
+assert smallest["r1-distill-llama-70b", "qlora"] == "a100-40gb"
+assert smallest["r1-distill-llama-70b", "full"] == "h200" and host_needed["r1-distill-llama-70b", "full"] > 1000 * GiB
 assert "no global gradient norm" in clip_refusal and "accumulate" in accum_refusal
 assert no_ckpt.measured["host"] > 5 * with_ckpt.measured["host"] and not offered
 assert full_size[("offload-activations",)] > 5 * full_size[("checkpointing", "offload-activations")]
