@@ -595,7 +595,8 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
     forward = ((0 if offload else sum(kept) + final) + sum(copies) + head_copy + logits // 4 * t.compute
                + upcast + logits)
     # chunked: the LM head's gradient builds up in autograd's buffer, one chunk after another
-    head_buffer = g_bytes * s.vocab * s.hidden if setup.chunked_loss and full else 0
+    # (one chunk, at most CHUNK_TOKENS tokens: nothing builds up, as without chunking)
+    head_buffer = g_bytes * s.vocab * s.hidden if setup.chunked_loss and full and tokens > CHUNK_TOKENS else 0
     phases = [
         _Phase("loss backward", alive(0, 0), acts + 3 * logits + gathered + head_buffer),
         _Phase("loss forward", alive(0, 0), forward + gathered),
