@@ -281,14 +281,13 @@ def test_mla_checkpointed_peak_in_attention_backward_matches_measurement(setup):
 def _simulated_lora(cfg, seq: int) -> measure.Measurement:
     """A steady-state LoRA step (bf16 base, fp32 adapters, bf16 autocast) on fake tensors.
 
-    peft is applied on the meta device (moving a FakeTensor parameter fails in ``Module._apply``),
-    then every parameter and buffer is replaced by a fake CPU tensor of the same shape and dtype.
+    The adapters are attached as ``lowmem train`` attaches them (``quantize.add_lora``) on the meta
+    device (moving a FakeTensor parameter fails in ``Module._apply``), then every parameter and buffer
+    is replaced by a fake CPU tensor of the same shape and dtype.
     """
-    from peft import LoraConfig, get_peft_model
+    from lowmem_course import quantize
 
-    model = family.build(cfg, device="meta", dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules=family.lora_modules(model)))
+    model = quantize.add_lora(family.build(cfg, device="meta", dtype=torch.bfloat16), rank=16, alpha=32)
     with FakeTensorMode():
         for module in model.modules():
             for key, p in module._parameters.items():
