@@ -130,6 +130,8 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     budget.add_argument("--gpu", type=_gpu, dest="budget", help=f"the card by name: {', '.join(gpus.GPUS)}")
     budget.add_argument("--gpu-memory", type=_memory, dest="budget",
                         help="memory per GPU with its unit: 24GiB (= 24G), 24GB (decimal), 24000MiB")
+    p.add_argument("--lora-rank", type=positive_int, default=16,
+                   help="rank of the LoRA and QLoRA adapters (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     if plan:
         p.add_argument("--cpu-memory", type=_host_memory, default=None,
@@ -144,7 +146,6 @@ def _setup_args(p: argparse.ArgumentParser, plan: bool) -> None:
     p.add_argument("--recipe", type=_recipe, default=None,
                    help=f"the run's memory choices, e.g. qlora+bf16-mixed+checkpointing (default {DEFAULT_RECIPE}); "
                         "the recipes lowmem plan prints")
-    p.add_argument("--lora-rank", type=positive_int, default=16)
     p.add_argument("--attention", choices=est.ATTENTION, default="sdpa")
 
 
@@ -288,11 +289,12 @@ def _plan(args: argparse.Namespace) -> int:
     host: Budget | None = args.cpu_memory
     cpu = host.bytes if host else None
     options = est.plan(fields, budget.bytes, mode=args.mode, batch=args.batch, seq=args.seq, gpus=n_gpus,
-                       precisions=precisions, device=args.device, cpu_memory=cpu)
+                       precisions=precisions, device=args.device, cpu_memory=cpu, lora_rank=args.lora_rank)
     jobs = [est.job_of(args.mode)] if args.mode else list(est.JOBS)
     by_job = {job: [o for o in options if est.job_of(o.estimate.setup.mode) == job] for job in jobs}
     short = {job: est.shortfall(fields, budget.bytes, job, mode=args.mode, batch=args.batch, seq=args.seq,
-                                gpus=n_gpus, precisions=precisions, device=args.device, cpu_memory=cpu)
+                                gpus=n_gpus, precisions=precisions, device=args.device, cpu_memory=cpu,
+                                lora_rank=args.lora_rank)
              for job in jobs if not by_job[job]}
     what = MODE_NAMES[args.mode] if args.mode else "training and inference"
     first = (f"{what[0].upper()}{what[1:]} of {printable(fields.get('name_or_path'))}, "
@@ -301,7 +303,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"job": {"jobs": jobs, "mode": args.mode, "model": fields.get("name_or_path"),
                                   "batch": args.batch, "seq": args.seq, "gpus": n_gpus, "device": args.device,
-                                  "precisions": list(precisions), "said": first},
+                                  "precisions": list(precisions), "lora_rank": args.lora_rank, "said": first},
                           "budget": budget.to_dict(), "cpu_memory": host.to_dict() if host else None,
                           "fits": [{"job": est.job_of(o.estimate.setup.mode), **o.to_dict(),
                                     "command": o.command(args.model)} for o in options],

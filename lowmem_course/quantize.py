@@ -269,6 +269,49 @@ def quantize_experts(model: torch.nn.Module, quant_type: str = "nf4", double_qua
 # ----------------------------------------------------------------------------------------------
 # QLoRA: LoRA adapters on the frozen 4-bit base.
 
+def _cast_outside_autocast(layer: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a LoRA layer: peft casts the adapters' input to their dtype only where no
+    autocast runs on the input's device (see ``share_adapter_inputs``)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor):
+        kind = x.device.type
+        layer.cast_input_dtype_enabled = not (torch.amp.is_autocast_available(kind)
+                                              and torch.is_autocast_enabled(kind))
+
+
+def share_adapter_inputs(model: torch.nn.Module) -> int:
+    """Let every LoRA adapter of ``model`` read its input as it is under autocast; returns the number
+    of adapted layers. ``add_lora`` calls it; call it yourself on a model wrapped by ``get_peft_model``.
+
+    peft casts each adapter's input to the adapter's dtype (``x.to(lora_A.weight.dtype)``: fp32
+    adapters on a 16-bit base), so that ``lora_A``'s matmul sees matching dtypes. Under autocast the
+    cast is pointless and costly: autocast casts that fp32 copy straight back to 16 bits for the
+    matmul, and autograd saves that 16-bit copy for ``lora_A``'s backward, so each adapter keeps its
+    own copy of its input. Without the cast, ``lora_A`` saves the very tensor the layer received, one
+    tensor for all the adapters that read it (q, k and v read the same norm output, gate and up
+    another). On an 8B Llama the seven copies are 76 KiB per token and layer, the tensors they copy
+    44 KiB: 32 KiB (8 x hidden bytes) per token and layer saved. The numbers are the same, bit for bit
+    (with ``add_lora``'s dropout of 0): fp32 holds every 16-bit value exactly, autocast casts the
+    copy back, and the input's gradient arrives in 16 bits either way. Without autocast the cast is
+    needed (a bf16 input against fp32 adapters fails with a dtype mismatch): there peft keeps casting.
+    (peft's 4- and 8-bit layers already skip the cast under CUDA's autocast, not under the CPU's.)
+
+    The choice is made at every call, from the autocast state on the input's device, by a forward
+    pre-hook on each layer (peft's ``cast_input_dtype_enabled``). It stays on the model: a
+    checkpointed layer's recompute in backward runs under the autocast state of its forward (torch's
+    checkpoint restores it), so it shares too, where a context manager around the step would have
+    ended. Idempotent.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        if not getattr(layer, "_lowmem_shares_input", False):
+            layer.register_forward_pre_hook(_cast_outside_autocast)
+            layer._lowmem_shares_input = True
+    return len(layers)
+
+
 def add_lora(model: torch.nn.Module, rank: int = 8, alpha: int = 16, upcast: bool = False,
              checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
     """Wrap ``model`` in PEFT LoRA adapters on ``family.lora_modules`` (QLoRA's "all-linear": every linear
@@ -277,7 +320,9 @@ def add_lora(model: torch.nn.Module, rank: int = 8, alpha: int = 16, upcast: boo
     ``upcast=True`` runs ``peft.prepare_model_for_kbit_training`` first, which casts every
     non-quantized parameter (embeddings, norms, lm_head) to fp32: more stable in fp16, but it costs
     2 extra bytes per such parameter. ``checkpointing=True`` turns on activation checkpointing with
-    the input gradients LoRA needs. CPU repacking is switched off first.
+    the input gradients LoRA needs. CPU repacking is switched off first. Under autocast the adapters
+    read their 16-bit input as it is, without a copy of their own (``share_adapter_inputs``); without
+    autocast they compute in their own dtype, as peft does.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -291,7 +336,9 @@ def add_lora(model: torch.nn.Module, rank: int = 8, alpha: int = 16, upcast: boo
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=family.lora_modules(model),
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    share_adapter_inputs(model)
+    return model
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

@@ -37,7 +37,8 @@ def _autocast_dtype(setup: Setup) -> torch.dtype | None:
 
 
 def build_for(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of ``setup``: its weights as ``recipe.base_weights`` says, checkpointing on, LoRA adapters attached."""
+    """The model of ``setup``: its weights as ``recipe.base_weights`` says, checkpointing on, LoRA adapters
+    attached as ``lowmem train`` attaches them (``quantize.add_lora``)."""
     if setup.mode in ("qlora", "inference") and setup.weights not in (None, "fp32", "bf16", "fp16"):
         raise ValueError(f"measuring {setup.weights} weights needs bitsandbytes on CUDA; not run here")
     dtype = precision.DTYPES[base_weights(setup.mode, setup.precision)]
@@ -46,14 +47,13 @@ def build_for(cfg: Any, setup: Setup, device: str | torch.device = "cpu") -> tor
     model = family.build(cfg, device=device, dtype=dtype)
     if setup.mode == "inference":
         return model.eval()
-    if setup.checkpointing == "full":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    recompute = setup.checkpointing == "full"
     if setup.mode in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
+        from lowmem_course import quantize
 
-        lora = LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, lora_dropout=0.0,
-                          target_modules=family.lora_modules(model))
-        model = get_peft_model(model, lora)
+        model = quantize.add_lora(model, rank=setup.lora_rank, alpha=2 * setup.lora_rank, checkpointing=recompute)
+    elif recompute:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if setup.tiled_mlp:
         checkpointing.tile_mlp(model)
     return model.train()

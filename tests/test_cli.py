@@ -94,6 +94,25 @@ def test_plan_lists_fitting_recipes(capsys):
     assert code == 0 and "lowmem train --model r1-distill-qwen-7b --recipe lora+bf16-mixed" in out
 
 
+def test_plan_lora_rank_reaches_every_adapter_row_and_its_command(capsys):
+    """torchtune's Llama 8B LoRA recipe trains rank-8 adapters: ``plan --lora-rank 8`` plans those, each
+    row's estimate is that of rank 8 and its command says so (rank 16, the default, goes unsaid)."""
+    argv = ["plan", "r1-distill-llama-8b", "--gpu-memory", "24GiB", "--batch", "2", "--seq", "2048"]
+    code, out, _ = run(capsys, *argv, "--lora-rank", "8", "--json")
+    data = json.loads(out)
+    adapted = [f for f in data["fits"] if f["setup"]["mode"] in ("lora", "qlora")]
+    assert code == 0 and data["job"]["lora_rank"] == 8 and {f["setup"]["mode"] for f in adapted} == {"lora", "qlora"}
+    for f in adapted:
+        setup = setup_of(f["recipe"], batch=2, seq=2048, lora_rank=8)
+        assert f["setup"] == setup.__dict__ and f["bytes"] == estimate("r1-distill-llama-8b", setup).bytes
+        assert f["command"].endswith("--lora-rank 8")
+    assert all(f["setup"]["lora_rank"] == 16 for f in data["fits"] if f not in adapted)
+    code, out, _ = run(capsys, *argv, "--mode", "lora")
+    assert code == 0 and "--lora-rank" not in out and "--recipe lora+" in out
+    code, out, _ = run(capsys, *argv, "--mode", "lora", "--lora-rank", "8")
+    assert code == 0 and out.count("--lora-rank 8") == out.count("lowmem train ") > 0
+
+
 def test_plan_with_nothing_fitting_exits_1(capsys):
     code, out, _ = run(capsys, "plan", "r1", "--gpu-memory", "1GiB")
     assert code == 1 and out.count("nothing fits in 1.00 GiB per GPU") == 2  # training and inference
@@ -102,7 +121,7 @@ def test_plan_with_nothing_fitting_exits_1(capsys):
 def test_estimate_and_plan_share_their_defaults():
     estimate_args = cli.parser().parse_args(["estimate", "r1"])
     plan_args = cli.parser().parse_args(["plan", "r1", "--gpu", "h200"])
-    for name in ("batch", "seq", "gpus", "device", "json"):
+    for name in ("batch", "seq", "gpus", "device", "json", "lora_rank"):
         assert getattr(estimate_args, name) == getattr(plan_args, name), name
     assert plan_args.seq == DEFAULT_SEQ == 4096 and plan_args.batch == 1
 
@@ -231,6 +250,10 @@ BAD = [
     ["plan", "r1", "--gpu", "h200", "--gpus", "two"],
     ["estimate", "r1", "--gpu-memory", "24 parsecs"],
     ["estimate", "no/such/config.json"],
+    ["plan", "r1", "--gpu", "h200", "--lora-rank", "0"],
+    ["plan", "r1", "--gpu", "h200", "--lora-rank", "-8"],
+    ["plan", "r1", "--gpu", "h200", "--lora-rank", "8.5"],
+    ["estimate", "r1", "--lora-rank", "eight"],
 ]
 
 

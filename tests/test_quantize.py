@@ -151,3 +151,125 @@ def test_quantize_experts_stores_them_in_4_bits(tmp_path):
         logits = model(input_ids=ids).logits.float()
     assert ((logits - reference_logits).norm() / reference_logits.norm()).item() < 0.2
     assert all(not hasattr(m, "gate_up_proj") for m in experts)  # dequantized copies are dropped
+
+
+# ---- adapters read their 16-bit input as it is under autocast (share_adapter_inputs) --------------
+
+def _add_lora(base, share=True, **options):
+    """``quantize.add_lora``; ``share=False``: with the adapters as peft leaves them (each casting its input
+    to its own dtype, fp32)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not share:
+            patch.setattr(quantize, "share_adapter_inputs", lambda model: 0)
+        return quantize.add_lora(base, **options)
+
+
+def _lora_twin(share=True, checkpointing=False):
+    """The Llama grid twin in bf16 with rank-8 adapters, in train mode."""
+    from lowmem_course import validate
+
+    base = family.build(validate.grid_config("r1-distill-llama-8b"), dtype=torch.bfloat16)
+    return _add_lora(base, share, rank=8, checkpointing=checkpointing).train()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_under_autocast_each_adapter_reads_its_layers_input_itself(checkpointing):
+    """lora_A is called on the very tensor its LoRA layer received (same storage, 16 bits), so what it
+    saves for backward is that tensor, not a copy; in the forward and in checkpointing's recompute."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = _lora_twin(checkpointing=checkpointing)
+    calls = []
+    for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+        layer.register_forward_pre_hook(lambda m, args: calls.append(("layer", args[0])))
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, args: calls.append(("A", args[0])))
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    forward = len(calls)
+    loss.backward()
+    assert forward == 2 * 7 * 4 and len(calls) == forward * (2 if checkpointing else 1)  # 7 adapters, 4 layers
+    for (kind, x), (kind_a, a) in zip(calls[::2], calls[1::2]):
+        assert (kind, kind_a) == ("layer", "A")
+        assert a.dtype == torch.bfloat16 and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+def test_peft_alone_gives_each_adapter_an_fp32_copy_of_its_input():
+    """What ``share_adapter_inputs`` removes (and what the test above would catch)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = _lora_twin(share=False)
+    seen = []
+    for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_without_autocast_the_adapters_still_cast_their_input():
+    """A bf16 base with fp32 adapters outside autocast: peft's cast is needed (no dtype mismatch), and
+    the model keeps it there; under autocast the same model shares."""
+    model = _lora_twin()
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    assert not any(m.cast_input_dtype_enabled for m in layers)
+    assert quantize.share_adapter_inputs(model) == len(layers)  # idempotent: one hook per layer
+    assert all(len(m._forward_pre_hooks) == 1 for m in layers)
+
+
+def test_sharing_frees_8_hidden_bytes_per_token_and_layer(monkeypatch):
+    """Measured on the Llama twin (bf16-mixed LoRA, batch 2 x 64): peft's seven input copies per layer,
+    2 x (6 hidden + intermediate) bytes a token, become the tensors the adapters read, saved once:
+    the attention norm's output (q, k, v), attention's output (o_proj's; SDPA saves it anyway), the
+    MLP norm's output (gate, up) and the SwiGLU product (down_proj's), 2 x (2 hidden + intermediate).
+    The difference, 8 x hidden bytes per token and layer, is the drop of the measured activations."""
+    from lowmem_course import validate
+    from lowmem_course.estimate import Setup
+
+    cfg = validate.grid_config("r1-distill-llama-8b")
+    setup = Setup(mode="lora", precision="bf16-mixed", batch=2, seq=64)
+
+    def activations() -> int:
+        return validate.measured_components(validate.measure_setup(cfg, setup))["activations"]
+
+    shared = activations()
+    monkeypatch.setattr(quantize, "share_adapter_inputs", lambda model: 0)
+    copied = activations()
+    assert copied - shared == 8 * cfg.hidden_size * cfg.num_hidden_layers * setup.batch * setup.seq
+
+
+TRAINING = [("lora bf16-mixed", "lora", torch.bfloat16, torch.bfloat16, False),
+            ("lora fp16-mixed checkpointing", "lora", torch.float16, torch.float16, True),
+            ("qlora bf16-mixed", "qlora", torch.bfloat16, torch.bfloat16, False),
+            ("lora bf16 base, no autocast", "lora", torch.bfloat16, None, False)]
+
+
+@pytest.mark.parametrize("mode,dtype,autocast,checkpointing", [t[1:] for t in TRAINING], ids=[t[0] for t in TRAINING])
+def test_sharing_leaves_training_unchanged_bit_for_bit(tmp_path, mode, dtype, autocast, checkpointing):
+    """Three AdamW steps with and without ``share_adapter_inputs``: the same losses and adapters, bit for
+    bit. Under autocast the adapters' matmul sees the same 16-bit input either way (fp32 holds every
+    16-bit value exactly, and autocast casts the copy back); the input's gradient arrives in 16 bits
+    either way. Without autocast nothing changes."""
+    from lowmem_course import optimizers, steps
+
+    if mode == "qlora":
+        _save_twin(tmp_path, "r1-distill-llama-8b")
+
+    def train(share: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        base = (quantize.load_quantized(tmp_path, "nf4-dq", dtype=dtype) if mode == "qlora"
+                else family.build(family.tiny("r1-distill-llama-8b", vocab_size=64), dtype=dtype))
+        model = _add_lora(base, share, rank=4, checkpointing=checkpointing)
+        optimizer = optimizers.make_optimizer(model, "adamw", 1e-2, fused=False)
+        batches = lambda step: (torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step)),)  # noqa: E731
+        losses = steps.train_loop(model, optimizer, batches, 3, autocast_dtype=autocast)
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (losses, adapters), (peft_losses, peft_adapters) = train(share=True), train(share=False)
+    assert losses == peft_losses and len(set(losses)) == 3
+    assert adapters.keys() == peft_adapters.keys() and all(torch.equal(adapters[k], peft_adapters[k]) for k in adapters)
+    assert any(peft_adapters[k].abs().sum() > 0 for k in adapters if "lora_B" in k)

@@ -210,6 +210,24 @@ def test_each_technique_trains_to_the_plain_recipes_loss(data, tmp_path):
             assert report["memory"]["host_peak_bytes"] > 0, technique  # what the last step kept on the host
 
 
+@pytest.mark.parametrize("recipe", ["lora+bf16-mixed+checkpointing", "qlora+bf16-mixed"])
+def test_adapters_of_an_autocast_run_read_their_16_bit_input_as_it_is(recipe):
+    """The trainer's model (``quantize.add_lora``): under autocast no adapter casts its input to fp32, so
+    none saves a copy of it (``quantize.share_adapter_inputs``); the estimator counts no copy."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lowmem_course import steps
+
+    r = Recipe.parse(recipe)
+    model = train.load_model("tiny:r1-distill-qwen-1.5b", r, lora_rank=4)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    ids = torch.arange(8)[None] % model.config.vocab_size
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    steps.train_step(model, optimizer, ids, autocast_dtype=torch.bfloat16)
+    assert len(layers) == 7 * 4 and not any(m.cast_input_dtype_enabled for m in layers)
+
+
 def test_a_batch_that_does_not_split_into_the_micro_batches_is_one_line(data, tmp_path, capsys):
     argv = ["--model", "tiny:r1-distill-qwen-1.5b", "--recipe", "lora+accum3", "--data", str(data), "--out",
             str(tmp_path / "run"), "--batch", "4"]

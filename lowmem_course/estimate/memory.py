@@ -242,7 +242,7 @@ def _mlp_saved(s: Shape, moe: bool, setup: Setup, t: Dtypes) -> int:
     """Bytes per token saved by one MLP block: SwiGLU, or router + top-k experts + shared experts."""
     a, h = t.compute, s.hidden
     frozen = setup.mode != "full" and not any(x.name.endswith("down_proj") for x in lora_targets(s, moe))
-    products = 3 if frozen or _lora_casts(setup) else 4  # a frozen down_proj does not keep its input
+    products = 3 if frozen else 4  # a frozen down_proj does not keep its input; an adapted one's adapter does
     if not moe:
         return products * s.intermediate * a
     shared = products * s.moe_intermediate * s.shared * a
@@ -252,24 +252,20 @@ def _mlp_saved(s: Shape, moe: bool, setup: Setup, t: Dtypes) -> int:
     return shared + router + experts
 
 
-def _lora_casts(setup: Setup) -> bool:
-    """True when each adapter keeps its own 16-bit copy of its input (peft casts it to the fp32
-    adapter's dtype, autocast back to 16 bits), instead of sharing the tensor its base layer reads."""
-    return setup.mode in ("lora", "qlora") and setup.precision != "fp32"
-
-
 _MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def _lora_saved(s: Shape, moe: bool, setup: Setup, t: Dtypes, mlp: bool | None = None) -> int:
-    """Bytes per token the adapters add: each saves A's output (rank r) and, under autocast, its input copy.
+    """Bytes per token the adapters add: each saves A's output (rank r). Its input is the tensor its base
+    layer reads, saved once for all the adapters that read it (counted with the norm, attention or MLP
+    that makes it): under autocast too, where ``lowmem train`` lets the adapters read their 16-bit
+    input as it is (``quantize.share_adapter_inputs``) instead of each saving its own 16-bit copy.
 
     ``mlp`` True counts the MLP's adapters only, False attention's only, None all of them.
     """
     if setup.mode not in ("lora", "qlora"):
         return 0
-    casts = _lora_casts(setup)
-    return sum((setup.lora_rank + (x.d_in if casts else 0)) * t.compute for x in lora_targets(s, moe)
+    return sum(setup.lora_rank * t.compute for x in lora_targets(s, moe)
                if mlp is None or x.name.endswith(_MLP_NAMES) == mlp)
 
 
@@ -282,9 +278,8 @@ def _layer_halves(s: Shape, layer: int, setup: Setup) -> tuple[int, int]:
     """
     t = activation_dtypes(setup)
     moe = is_moe(s, layer)
-    attn_consumers = 0 if _lora_casts(setup) else (2 if s.arch == "deepseek_v3" else 3)
-    mlp_adapted = any(x.name.endswith("up_proj") for x in lora_targets(s, moe))
-    mlp_consumers = 0 if _lora_casts(setup) and mlp_adapted else 2
+    attn_consumers = 2 if s.arch == "deepseek_v3" else 3
+    mlp_consumers = 2
     frozen = setup.mode != "full"
     attention = (_norm(s.hidden, t.residual, attn_consumers, t, frozen) + _attention_saved(s, setup, t)
                  + _lora_saved(s, moe, setup, t, mlp=False))
@@ -644,14 +639,23 @@ def estimate(model: str | Path | Any, setup: Setup | None = None) -> Estimate:
 def _backward_transient(s: Shape, layer: int, setup: Setup, tokens: int) -> int:
     """Bytes alive only while one layer's backward runs: gradients of the widest intermediates.
 
-    A tiled MLP has them for one tile, beside that tile's recomputed activations (``_tile_saved_per_token``).
+    LoRA with an adapted down_proj: the product it reads is saved for its adapter alone, whose
+    backward runs first and frees it before the product's backward makes its two gradients, so one
+    inner-sized tensor fewer is alive than it adds; the residual stream's gradients are in the
+    activations' dtype (measured on the small-vocabulary twins, tests/test_estimate.py). A tiled MLP
+    has the intermediates' gradients for one tile, beside that tile's recomputed activations
+    (``_tile_saved_per_token``).
     """
     t = activation_dtypes(setup)
-    inner = s.intermediate if not is_moe(s, layer) else s.moe_intermediate * (s.top_k + s.shared)
+    moe = is_moe(s, layer)
+    inner = s.intermediate if not moe else s.moe_intermediate * (s.top_k + s.shared)
+    lora_down = setup.mode != "full" and any(x.name.endswith("down_proj") for x in lora_targets(s, moe))
+    widest, residual = (2, t.residual) if lora_down else (3, 4)
+    gradients = tokens * 2 * s.hidden * residual  # the residual stream's
     if setup.tiled_mlp:
         tile = tile_tokens(s, tokens)
-        return tile * (3 * inner * t.compute + _tile_saved_per_token(s, layer, setup)) + tokens * 2 * s.hidden * 4
-    return tokens * (3 * inner * t.compute + 2 * s.hidden * 4)
+        return tile * (widest * inner * t.compute + _tile_saved_per_token(s, layer, setup)) + gradients
+    return tokens * widest * inner * t.compute + gradients
 
 
 def _attention_backward_transient(s: Shape, setup: Setup, tokens: int) -> int:

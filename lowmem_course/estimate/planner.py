@@ -139,8 +139,9 @@ def check_precisions(precisions: Any) -> tuple[str, ...]:
 
 
 def candidates(mode: str | None, batch: int, seq: int, gpus: int, precisions: Any = DEFAULT_PRECISIONS,
-               moe: bool = False, device: str = "cuda") -> list[Setup]:
-    """The setups ``plan`` tries (every mode when ``mode`` is None) in the allowed ``precisions``.
+               moe: bool = False, device: str = "cuda", lora_rank: int = 16) -> list[Setup]:
+    """The setups ``plan`` tries (every mode when ``mode`` is None) in the allowed ``precisions``, LoRA
+    and QLoRA with adapters of rank ``lora_rank``.
 
     Full fine-tuning tries each precision; LoRA and QLoRA each but pure bf16 (their adapters train
     in fp32 anyway); inference serves 16-bit weights in bf16 (from "bf16" or "bf16-mixed"), in fp16
@@ -158,27 +159,28 @@ def candidates(mode: str | None, batch: int, seq: int, gpus: int, precisions: An
             out += [Setup(mode=m, precision=p, weights=w, batch=batch, seq=seq, gpus=gpus, parallel=par, device=device)
                     for p in served for par in (("data", "tensor") if gpus > 1 else ("data",)) for w in formats]
             continue
+        rank = {"lora_rank": lora_rank} if m in ("lora", "qlora") else {}
         for precision in (allowed if m == "full" else [p for p in allowed if p != "bf16"]):
             for optimizer in ("adamw", "adamw8bit"):
                 for ckpt in CHECKPOINTING:
                     for zero in ((0, 1, 2, 3) if gpus > 1 and m == "full" else (0,)):
                         out.append(Setup(mode=m, precision=precision, optimizer=optimizer, batch=batch, seq=seq,
-                                         checkpointing=ckpt, gpus=gpus, zero=zero, device=device))
+                                         checkpointing=ckpt, gpus=gpus, zero=zero, device=device, **rank))
     return out
 
 
 def plan(model: str | Path | Any, gpu_memory: int, mode: str | None = None, batch: int = 1, seq: int = DEFAULT_SEQ,
          gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS, device: str = "cuda",
-         cpu_memory: int | None = None) -> list[PlanOption]:
+         cpu_memory: int | None = None, lora_rank: int = 16) -> list[PlanOption]:
     """The setups whose estimated peak per GPU fits ``gpu_memory`` bytes (and whose host bytes fit
     ``cpu_memory``, when given): training first, then inference, each cheapest compute first (ties:
     least memory first). Each training setup of ``candidates`` comes with the cheapest of its
     ``variants`` that fits (the techniques it needs, and the micro-batch; ``_first_fit``).
     ``precisions`` restricts the precisions tried (a T4 has no bf16: ``("fp16-mixed", "fp32")``); ``device`` picks the
-    attention kernels (``Setup.device``)."""
+    attention kernels (``Setup.device``); ``lora_rank`` the rank of LoRA's and QLoRA's adapters."""
     fields = load_config(model) if isinstance(model, (str, Path)) else config_fields(model)
     fits = []
-    for base in candidates(mode, batch, seq, gpus, precisions, shape_of(fields).experts > 0, device):
+    for base in candidates(mode, batch, seq, gpus, precisions, shape_of(fields).experts > 0, device, lora_rank):
         option = _first_fit(fields, variants(base), gpu_memory, cpu_memory)
         if option:
             fits.append(option)
@@ -214,10 +216,10 @@ def _first_fit(fields: dict[str, Any], setups: list[Setup], gpu_memory: int,
 
 
 def _options(fields: dict[str, Any], mode: str | None, batch: int, seq: int, gpus: int, precisions: Any,
-             device: str) -> list[PlanOption]:
+             device: str, lora_rank: int = 16) -> list[PlanOption]:
     """Every candidate setup with every variant (``variants``) and its estimate, fitting or not."""
     moe = shape_of(fields).experts > 0
-    return [_option(fields, v) for base in candidates(mode, batch, seq, gpus, precisions, moe, device)
+    return [_option(fields, v) for base in candidates(mode, batch, seq, gpus, precisions, moe, device, lora_rank)
             for v in variants(base)]
 
 
@@ -286,7 +288,7 @@ def _largest(fits: Any, low: int, high: int) -> int | None:
 
 def shortfall(model: str | Path | Any, gpu_memory: int, job: str, mode: str | None = None, batch: int = 1,
               seq: int = DEFAULT_SEQ, gpus: int = 1, precisions: Any = DEFAULT_PRECISIONS,
-              device: str = "cuda", cpu_memory: int | None = None) -> Shortfall:
+              device: str = "cuda", cpu_memory: int | None = None, lora_rank: int = 16) -> Shortfall:
     """What to say when nothing of ``job`` ("training" or "inference"; only ``mode`` when given)
     fits ``gpu_memory`` bytes per GPU at ``batch`` x ``seq`` on ``gpus`` GPUs (see ``Shortfall``).
 
@@ -297,7 +299,7 @@ def shortfall(model: str | Path | Any, gpu_memory: int, job: str, mode: str | No
     modes = [mode] if mode else list(JOBS[job])
 
     def options(b: int, s: int, n: int) -> list[PlanOption]:
-        return [o for m in modes for o in _options(fields, m, b, s, n, precisions, device)]
+        return [o for m in modes for o in _options(fields, m, b, s, n, precisions, device, lora_rank)]
 
     def fits(b: int, s: int) -> bool:
         return _cheapest_fit(options(b, s, gpus), gpu_memory, cpu_memory) is not None
