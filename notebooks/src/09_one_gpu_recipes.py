@@ -322,11 +322,13 @@ for label, seconds in step_seconds.items():
 #
 # `plan` on the 8B jobs, batch 2 × 2,048 on the RTX 4090: the cheapest recipe that fits, and the
 # leanest (least device memory), next to torchtune's measured peaks for the same jobs (README
-# memory table at commit bd2a0fc: one RTX 4090, Llama 3.1 8B, batch 2, packed sequences of 2,048).
+# memory table at commit bd2a0fc: one RTX 4090, Llama 3.1 8B, batch 2, packed sequences of 2,048;
+# LoRA and QLoRA at torchtune's rank, 8).
 
 # %%
 TORCHTUNE = {"full": 18.9, "lora": 16.2, "qlora": 7.4}  # GiB, peak per GPU
-plans = {mode: plan(REAL, CARD.usable, mode=mode, batch=BATCH, seq=SEQ) for mode in TORCHTUNE}
+TORCHTUNE_RANK = 8  # its 8B LoRA and QLoRA configs: rank 8
+plans = {mode: plan(REAL, CARD.usable, mode=mode, batch=BATCH, seq=SEQ, lora_rank=TORCHTUNE_RANK) for mode in TORCHTUNE}
 leanest = {mode: min(options, key=lambda o: o.estimate.bytes["total"]) for mode, options in plans.items() if options}
 print(f"{'job':<7}{'fits':>6}{'cheapest':>10}{'leanest':>9}{'host':>8}{'torchtune':>11}  (GiB; leanest recipe below)")
 for mode, published in TORCHTUNE.items():
@@ -545,6 +547,7 @@ assert leanest["full"].estimate.bytes["total"] <= CARD.usable                   
 assert leanest["full"].estimate.setup.offload_optimizer and leanest["full"].estimate.host_bytes["total"] > 120 * 10**9
 assert leanest["qlora"].estimate.bytes["total"] <= TORCHTUNE["qlora"] * GiB                 # QLoRA at or below 7.4 GiB
 assert leanest["full"].estimate.bytes["total"] <= TORCHTUNE["full"] * GiB
+assert leanest["lora"].estimate.bytes["total"] <= TORCHTUNE["lora"] * GiB                   # LoRA at or below 16.2
 assert at_unsloth and at_unsloth[0].estimate.setup.tiled_mlp                               # Unsloth's context fits ...
 assert longest[32] >= UNSLOTH and "tiled-mlp" in short.at_seq.recipe                         # ... tiled, and longer
 assert short.seq == longest[16] and 0.95 * longest[16] < longest[32] <= longest[16]  # rank barely matters
