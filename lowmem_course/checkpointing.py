@@ -12,7 +12,7 @@ Whole-layer policies use transformers' own ``activation_checkpointing_enable`` (
 ``torch.utils.checkpoint``); the selective ones wrap the attention or MLP module's ``forward`` the
 same way.
 
-``tile_mlp(model)`` goes further inside each layer (ALST's TiledMLP, Unsloth's tiled MLP): the MLP
+``tile_mlp(model)`` goes further inside each layer (ALST's TiledMLP): the MLP
 runs over the sequence a tile of ``hidden_size`` tokens at a time and saves only its input, so its
 wide intermediates exist for one tile, in forward and in backward, whatever the context length.
 

@@ -30,6 +30,7 @@ device = lab.start()
 import itertools
 import statistics
 import time
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 
@@ -213,7 +214,7 @@ print(f"activations {long_plain['activations'] / MiB:.2f} -> {long_accum['activa
 # Once 02's trio has taken the stored activations to the host, what is left at long context is one
 # layer's recompute in backward, and there the MLP is widest: several tensors of tokens × its
 # intermediate size (14,336 for the 8B). `tiled-mlp` runs each layer's MLP over `hidden_size`
-# tokens at a time (ALST's rule, as in Unsloth's long-context training) and saves only its input:
+# tokens at a time (the rule of ALST, Arctic Long Sequence Training) and saves only its input:
 #
 # ```python
 # def tiled_mlp(mlp, x, tile):
@@ -239,8 +240,8 @@ for label, c in tiles.items():
 # - tiling cuts the device peak by the MLP's intermediates of all but one tile; the estimator,
 #   which knows the tile, is within 5% of the measurement
 # - the untiled row shows a known error of the estimator: inside a checkpointed layer's backward at
-#   long context it counts one intermediate-sized gradient too many (high by up to ~10% on twins);
-#   high is the safe side of "will it fit", and it is left for the course's next round
+#   long context it counts more than is alive (up to ~12% high on twins, asserted below); high is
+#   the safe side of "will it fit", and it is left for the course's next round
 
 # %% [markdown]
 # ### All together
@@ -374,7 +375,7 @@ print(f"our longest context at rank 32 is {longest[32] / UNSLOTH:.0%} of Unsloth
 
 # %% [markdown]
 # - the tiled MLP is what reaches Unsloth's context: without it, one layer's MLP in backward
-#   (several tensors of tokens × 14,336) fills the card near 55,000 tokens
+#   (several tensors of tokens × 14,336) does not fit the card at 78,475 tokens (asserted below)
 # - the longest recipe also moves AdamW to the host: at that length every byte counts
 # - the adapters' rank barely matters at long context: rank 32 doubles the adapters, which are small
 #   beside the activations of 100,000 tokens
@@ -549,6 +550,7 @@ assert leanest["qlora"].estimate.bytes["total"] <= TORCHTUNE["qlora"] * GiB     
 assert leanest["full"].estimate.bytes["total"] <= TORCHTUNE["full"] * GiB
 assert leanest["lora"].estimate.bytes["total"] <= TORCHTUNE["lora"] * GiB                   # LoRA at or below 16.2
 assert at_unsloth and at_unsloth[0].estimate.setup.tiled_mlp                               # Unsloth's context fits ...
+assert estimate(REAL, replace(at_unsloth[0].estimate.setup, tiled_mlp=False)).bytes["total"] > CARD.usable  # untiled not
 assert longest[32] >= UNSLOTH and "tiled-mlp" in short.at_seq.recipe                         # ... tiled, and longer
 assert short.seq == longest[16] and 0.95 * longest[16] < longest[32] <= longest[16]  # rank barely matters
 assert tiles["lean+tiled-mlp"].measured["total"] < 0.9 * tiles["lean (02)"].measured["total"]  # a tile's MLP only
